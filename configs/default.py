@@ -1,0 +1,111 @@
+"""Every flag of diffusers' train_unconditional.py, same name and default, plus what JAX training adds.
+
+Variant configs import this and change a few fields. Override any field on the command line:
+    python train_flax.py --config=configs/default.py --config.dataset_name=cifar10
+"""
+
+import ml_collections
+
+
+def default_unet() -> ml_collections.ConfigDict:
+    """The UNet2DModel that train_unconditional.py builds (keys are diffusers' config.json keys)."""
+    return ml_collections.ConfigDict(
+        dict(
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=2,
+            block_out_channels=(128, 128, 256, 256, 512, 512),
+            down_block_types=(
+                "DownBlock2D",
+                "DownBlock2D",
+                "DownBlock2D",
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            up_block_types=(
+                "UpBlock2D",
+                "AttnUpBlock2D",
+                "UpBlock2D",
+                "UpBlock2D",
+                "UpBlock2D",
+                "UpBlock2D",
+            ),
+        )
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- data (diffusers flags) ---
+    c.dataset_name = ml_collections.FieldReference(None, field_type=str)
+    c.dataset_config_name = ml_collections.FieldReference(None, field_type=str)
+    c.train_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    c.resolution = 64
+    c.center_crop = False
+    c.random_flip = False
+    c.train_batch_size = 16  # per device
+    c.eval_batch_size = 16
+    c.dataloader_num_workers = 0
+    # --- data (ours) ---
+    c.image_column = ml_collections.FieldReference(None, field_type=str)  # None: auto-detect image, then img
+    c.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.skip_bad_images = False
+    c.decode_cache = False  # decode + resize once into uint8 arrays under cache_dir
+
+    # --- model ---
+    c.model_config_name_or_path = ml_collections.FieldReference(None, field_type=str)
+    c.model = default_unet()
+    c.init_from = ml_collections.FieldReference(None, field_type=str)  # diffusers UNet to fine-tune from
+
+    # --- noise schedule ---
+    c.prediction_type = "epsilon"
+    c.ddpm_num_steps = 1000
+    c.ddpm_num_inference_steps = 1000
+    c.ddpm_beta_schedule = "linear"
+
+    # --- optimisation ---
+    c.num_epochs = 100
+    c.max_train_steps = ml_collections.FieldReference(None, field_type=int)
+    c.gradient_accumulation_steps = 1
+    c.learning_rate = 1e-4
+    c.lr_scheduler = "cosine"
+    c.lr_warmup_steps = 500
+    c.adam_beta1 = 0.95
+    c.adam_beta2 = 0.999
+    c.adam_weight_decay = 1e-6
+    c.adam_epsilon = 1e-8
+    c.use_ema = False
+    c.ema_inv_gamma = 1.0
+    c.ema_power = 3 / 4
+    c.ema_max_decay = 0.9999
+    c.mixed_precision = "no"
+    c.seed = 0
+
+    # --- outputs ---
+    c.output_dir = "ddpm-model-64"
+    c.overwrite_output_dir = False
+    c.save_images_epochs = 10
+    c.save_model_epochs = 10
+    c.sample_scheduler = "ddpm"  # ddpm | ddim, for the preview grids
+    c.sample_num_inference_steps = ml_collections.FieldReference(None, field_type=int)  # None: ddpm_num_inference_steps
+    c.logger = "tensorboard"
+    c.logging_dir = "logs"
+
+    # --- checkpoints ---
+    c.checkpointing_steps = 500
+    c.checkpoints_total_limit = ml_collections.FieldReference(None, field_type=int)
+    c.resume_from_checkpoint = ml_collections.FieldReference(None, field_type=str)
+
+    # --- hub ---
+    c.push_to_hub = False
+    c.hub_token = ml_collections.FieldReference(None, field_type=str)
+    c.hub_model_id = ml_collections.FieldReference(None, field_type=str)
+    c.hub_private_repo = False
+
+    # --- parallelism ---
+    c.fsdp = 1  # devices that share one sharded copy of params/optimizer state; 1 = replicated
+
+    return c

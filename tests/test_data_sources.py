@@ -1,0 +1,121 @@
+"""Dataset sources: imagefolder, parquet, arrow, save_to_disk, TFDS (committed fixture), digits, and their errors."""
+
+import os
+import shutil
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+from fixtures.data_factory import TFDS_DIR, TFDS_NAME, data_config, gradient, make_image_folder
+
+from uncond_flax.data.sources import DigitsSource, open_source, select_image_column
+from uncond_flax.data.transforms import load_resized
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """A small datasets.Dataset (column "img", as cifar10) written as parquet, arrow and save_to_disk."""
+    root = tmp_path_factory.mktemp("hf")
+    images = [PIL.Image.fromarray(gradient(12 + i, 20, 10 * i)) for i in range(6)]
+    ds = datasets.Dataset.from_dict(
+        {"img": images, "label": list(range(6))},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    os.makedirs(root / "parquet")
+    ds.to_parquet(str(root / "parquet" / "train-00000.parquet"))
+    ds.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(root / "saved_dict"))
+    os.makedirs(root / "arrow")
+    arrow_file = [f for f in os.listdir(root / "saved") if f.endswith(".arrow")][0]
+    shutil.copy(root / "saved" / arrow_file, root / "arrow" / "train.arrow")
+    return root
+
+
+def _red_values(source):
+    return [int(load_resized(source.get_raw(i), 8, "RGB")[0, 0, 0]) for i in range(len(source))]
+
+
+def test_imagefolder_reads_every_mode(tmp_path):
+    paths = make_image_folder(str(tmp_path / "imgs"), n_rgb=4)
+    source = open_source(data_config(train_data_dir=str(tmp_path / "imgs"), cache_dir=str(tmp_path / "cache")))
+    assert len(source) == len(paths) and source.column == "image"
+    for i in range(len(source)):
+        for mode, channels in (("RGB", 3), ("L", 1)):
+            out = load_resized(source.get_raw(i), 16, mode)
+            assert out.dtype == np.uint8 and out.shape[2] == channels and min(out.shape[:2]) == 16
+
+
+@pytest.mark.parametrize("kind", ["parquet", "parquet_file", "arrow", "saved", "saved_dict", "as_dataset_name"])
+def test_local_hf_formats(hf_dirs, tmp_path, kind):
+    path = {"parquet_file": hf_dirs / "parquet" / "train-00000.parquet"}.get(kind, hf_dirs / kind.split("_file")[0])
+    if kind == "as_dataset_name":  # a local path given as dataset_name goes the same way
+        config = data_config(dataset_name=str(hf_dirs / "saved"), cache_dir=str(tmp_path))
+    else:
+        config = data_config(train_data_dir=str(path), cache_dir=str(tmp_path))
+    source = open_source(config)
+    assert len(source) == 6 and source.column == "img"  # auto-detected: no "image" column, then "img"
+    assert _red_values(source) == [10 * i for i in range(6)]
+
+
+def test_image_column_errors_list_columns(hf_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"image_column 'pixels' is not a column of .*\['img', 'label'\]"):
+        open_source(data_config(train_data_dir=str(hf_dirs / "saved"), image_column="pixels"))
+    with pytest.raises(ValueError, match=r"none of \['image', 'img'\] among its columns \['a', 'b'\]"):
+        select_image_column(["a", "b"], None, "x")
+    source = open_source(data_config(train_data_dir=str(hf_dirs / "saved"), image_column="img"))
+    assert source.column == "img"
+
+
+def test_tfds_array_record_fixture_without_tensorflow():
+    source = open_source(data_config(dataset_name=f"tfds:{TFDS_NAME}", tfds_data_dir=TFDS_DIR))
+    assert len(source) == 12 and source.column == "image"
+    assert isinstance(source.get_raw(0), bytes)  # left encoded: PIL decodes, no TensorFlow
+    assert sorted(_red_values(source)) == [20 * i for i in range(12)]
+    import sys
+
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"TFDS dataset 'cifar10' is not prepared in .*tfds build cifar10"):
+        open_source(data_config(dataset_name="tfds:cifar10", tfds_data_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="TFDS dataset 'no_such_dataset_xyz' not found"):
+        open_source(data_config(dataset_name="tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"image_column 'pixels' is not a column of tfds:.*\['image', 'label'\]"):
+        open_source(data_config(dataset_name=f"tfds:{TFDS_NAME}", tfds_data_dir=TFDS_DIR, image_column="pixels"))
+
+
+def test_digits_are_real_sklearn_digits():
+    source = open_source(data_config(dataset_name="digits"))
+    assert isinstance(source, DigitsSource) and len(source) == 1797
+    raw = source.get_raw(0)
+    assert raw.shape == (8, 8) and raw.dtype == np.uint8
+    every = np.stack([source.get_raw(i) for i in range(len(source))])
+    assert every.min() == 0 and every.max() == 255  # 0..16 mapped onto the full uint8 range
+    from sklearn.datasets import load_digits
+
+    np.testing.assert_array_equal(raw, np.rint(load_digits().images[0] * 255 / 16))
+    assert load_resized(raw, 32, "RGB").shape == (32, 32, 3)
+
+
+def test_missing_dataset_while_offline_is_one_clear_error(tmp_path):
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # set by conftest
+    with pytest.raises(FileNotFoundError) as info:
+        open_source(data_config(dataset_name="huggan/flowers-102-categories", cache_dir=str(tmp_path)))
+    message = str(info.value)
+    assert "huggan/flowers-102-categories" in message and "offline" in message and "\n" not in message
+    assert info.value.__suppress_context__  # `from None`: no chained traceback forest
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(
+        ValueError, match="You must specify either a dataset name from the hub or a train data directory"
+    ):
+        open_source(data_config())
+    with pytest.raises(FileNotFoundError, match=r"train_data_dir '.*nope' does not exist"):
+        open_source(data_config(train_data_dir=str(tmp_path / "nope")))
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="contains no images, .parquet or .arrow files"):
+        open_source(data_config(train_data_dir=str(tmp_path / "empty")))
