@@ -23,6 +23,8 @@ def _scheduler(pipeline_dir: str, name: str | None):
     cls = {"ddpm": FlaxDDPMScheduler, "ddim": FlaxDDIMScheduler}[name or "ddpm"]
     if name is None and config.get("_class_name") == "DDIMScheduler":
         cls = FlaxDDIMScheduler
+    if cls is FlaxDDIMScheduler:
+        config.pop("variance_type", None)  # DDPM-only; sampling a DDPM pipeline with DDIM is intended here
     return cls.from_config(config)
 
 
