@@ -8,13 +8,19 @@ import ml_collections
 
 
 def default_unet() -> ml_collections.ConfigDict:
-    """The UNet2DModel that train_unconditional.py builds (keys are diffusers' config.json keys)."""
+    """The UNet2DModel that train_unconditional.py builds; every key of diffusers' config.json is overridable."""
+    optional_int = lambda: ml_collections.FieldReference(None, field_type=int)  # noqa: E731
+    optional_str = lambda: ml_collections.FieldReference(None, field_type=str)  # noqa: E731
     return ml_collections.ConfigDict(
         dict(
+            # sample_size is set to `resolution`.
             in_channels=3,
             out_channels=3,
-            layers_per_block=2,
-            block_out_channels=(128, 128, 256, 256, 512, 512),
+            center_input_sample=False,
+            time_embedding_type="positional",
+            time_embedding_dim=optional_int(),
+            freq_shift=0,
+            flip_sin_to_cos=True,
             down_block_types=(
                 "DownBlock2D",
                 "DownBlock2D",
@@ -23,6 +29,7 @@ def default_unet() -> ml_collections.ConfigDict:
                 "AttnDownBlock2D",
                 "DownBlock2D",
             ),
+            mid_block_type="UNetMidBlock2D",
             up_block_types=(
                 "UpBlock2D",
                 "AttnUpBlock2D",
@@ -31,6 +38,23 @@ def default_unet() -> ml_collections.ConfigDict:
                 "UpBlock2D",
                 "UpBlock2D",
             ),
+            block_out_channels=(128, 128, 256, 256, 512, 512),
+            layers_per_block=2,
+            mid_block_scale_factor=1.0,
+            downsample_padding=1,
+            downsample_type="conv",
+            upsample_type="conv",
+            dropout=0.0,
+            act_fn="silu",
+            attention_head_dim=ml_collections.FieldReference(8, field_type=int),  # None: one head
+            norm_num_groups=32,
+            attn_norm_num_groups=optional_int(),
+            norm_eps=1e-5,
+            resnet_time_scale_shift="default",
+            add_attention=True,
+            class_embed_type=optional_str(),
+            num_class_embeds=optional_int(),
+            num_train_timesteps=optional_int(),
         )
     )
 
@@ -86,7 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- outputs ---
     c.output_dir = "ddpm-model-64"
-    c.overwrite_output_dir = False
+    c.overwrite_output_dir = False  # accepted for compatibility; diffusers' script does not use it either
+    c.enable_xformers_memory_efficient_attention = False  # accepted; jax.nn.dot_product_attention picks the kernel
     c.save_images_epochs = 10
     c.save_model_epochs = 10
     c.sample_scheduler = "ddpm"  # ddpm | ddim, for the preview grids
@@ -95,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.logging_dir = "logs"
 
     # --- checkpoints ---
-    c.checkpointing_steps = 500
+    c.checkpointing_steps = 500  # 0: no periodic checkpoints (a SIGTERM still saves one)
     c.checkpoints_total_limit = ml_collections.FieldReference(None, field_type=int)
     c.resume_from_checkpoint = ml_collections.FieldReference(None, field_type=str)
 
@@ -105,7 +130,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.hub_model_id = ml_collections.FieldReference(None, field_type=str)
     c.hub_private_repo = False
 
+    c.max_consecutive_skips = 25  # stop after this many steps in a row with a non-finite loss or gradients
+
     # --- parallelism ---
     c.fsdp = 1  # devices that share one sharded copy of params/optimizer state; 1 = replicated
+    c.distributed = False  # multi-host: jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)
+    c.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # e.g. "10.0.0.1:1234"
+    c.num_processes = ml_collections.FieldReference(None, field_type=int)
+    c.process_id = ml_collections.FieldReference(None, field_type=int)
 
     return c

@@ -73,7 +73,7 @@ def test_images_do_not_depend_on_device_count():
                          mesh=make_mesh(devices=jax.devices()[:1]))
     assert len(jax.devices()) == 8
     assert on_8.shape == (3, 8, 8, 3) and on_8.min() >= 0 and on_8.max() <= 1
-    np.testing.assert_allclose(on_8, on_1, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(on_8, on_1, atol=1e-4, rtol=0)  # float32 reduction order; << 1/255
     other_seed = sample_images(ours, sched, batch_size=3, num_inference_steps=4, key=jax.random.key(8))
     assert np.abs(other_seed - on_8).max() > 0.1
 
@@ -86,6 +86,6 @@ def test_sample_cli_demo_writes_pipeline_and_grid(tmp_path):
     out = tmp_path / "demo"
     assert main(["--demo", str(out), "--num_images", "4", "--num_inference_steps", "3"]) == 0
     grid = Image.open(out / "samples.png")
-    assert grid.size == (64, 64)  # 2x2 tiles of 32 px
+    assert grid.size == (70, 70)  # 2x2 tiles of 32 px, 2 px apart
     pipe = DDPMPipeline.from_pretrained(str(out))
     assert pipe.unet.config.sample_size == 32

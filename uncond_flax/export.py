@@ -165,15 +165,25 @@ def _load_safetensors_via_flax(path: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_file(path).items()}
 
 
-def load_unet(path_or_repo_id: str, subfolder: str | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
-              variant: str | None = None) -> FlaxUNet2DModel:
-    """A FlaxUNet2DModel with weights from a diffusers pipeline folder, a unet folder, or a Hub repo id."""
-    folder = _resolve_unet_dir(str(path_or_repo_id), subfolder)
+def _read_unet_config(folder: str) -> dict[str, Any]:
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     class_name = config.get("_class_name", "UNet2DModel")
     if class_name != "UNet2DModel":
         raise ValueError(f"{folder}/config.json describes a {class_name}, not a UNet2DModel")
+    return config
+
+
+def load_unet_config(path_or_repo_id: str, subfolder: str | None = None) -> dict[str, Any]:
+    """The UNet2DModel config.json of a pipeline folder, a unet folder or a Hub repo id (no weights read)."""
+    return _read_unet_config(_resolve_unet_dir(str(path_or_repo_id), subfolder))
+
+
+def load_unet(path_or_repo_id: str, subfolder: str | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
+              variant: str | None = None) -> FlaxUNet2DModel:
+    """A FlaxUNet2DModel with weights from a diffusers pipeline folder, a unet folder, or a Hub repo id."""
+    folder = _resolve_unet_dir(str(path_or_repo_id), subfolder)
+    config = _read_unet_config(folder)
     return unet_from_state_dict(config, _read_weights(folder, variant), dtype=dtype, param_dtype=param_dtype)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from uncond_flax.parallel import batch_sharding, make_mesh, num_batch_shards, replicated
+from uncond_flax.parallel import batch_sharding, make_mesh, num_batch_shards, replicated, to_host
 
 
 def _pad_batch(x: jax.Array, batch: int, axis: int = 0) -> jax.Array:
@@ -59,11 +59,11 @@ def sample_images(
     noise_BHWC: Any = None,
     step_noise_TBHWC: Any = None,
 ) -> np.ndarray:
-    """Generate `batch_size` images in [0, 1] (NHWC float32 numpy), as diffusers' DDPMPipeline does.
+    """Generate `batch_size` images in [0, 1] (NHWC float32 numpy on every process), as DDPMPipeline does.
 
-    Noise comes from `key`, or exactly from `noise_BHWC` (initial) and `step_noise_TBHWC` (one per step).
-    The batch is padded to a multiple of the device count and sharded over all devices; the images do not
-    depend on how many devices there are.
+    Noise comes from `key` (drawn inside the jitted program), or exactly from `noise_BHWC` (initial) and
+    `step_noise_TBHWC` (one per step). The batch is padded to a multiple of the device count and sharded over
+    all devices; the images do not depend on how many devices there are.
     """
     if image_shape is None:
         size = model.config["sample_size"]
@@ -74,57 +74,59 @@ def sample_images(
     scheduler = scheduler.set_timesteps(num_inference_steps)
     steps = int(scheduler.timesteps.shape[0])
     shape_BHWC = (batch_size, *image_shape)
-    if key is None and (noise_BHWC is None or step_noise_TBHWC is None):
+    explicit = noise_BHWC is not None or step_noise_TBHWC is not None
+    if explicit and (noise_BHWC is None or step_noise_TBHWC is None):
+        raise ValueError("pass both noise_BHWC and step_noise_TBHWC, or neither (and a key)")
+    if not explicit and key is None:
         raise ValueError("pass key=jax.random.key(seed), or both noise_BHWC and step_noise_TBHWC")
-    if key is not None:
-        init_key, key = jax.random.split(key)
-        if noise_BHWC is None:
-            noise_BHWC = jax.random.normal(init_key, shape_BHWC, jnp.float32)
-    noise_BHWC = jnp.asarray(noise_BHWC, jnp.float32)
-    if noise_BHWC.shape != shape_BHWC:
-        raise ValueError(f"noise_BHWC has shape {noise_BHWC.shape}, expected {shape_BHWC}")
 
     mesh = make_mesh() if mesh is None else mesh
     padded = -(-batch_size // num_batch_shards(mesh)) * num_batch_shards(mesh)
-    noise_BHWC = _pad_batch(noise_BHWC, padded)
-    if step_noise_TBHWC is not None:
-        step_noise_TBHWC = jnp.asarray(step_noise_TBHWC, jnp.float32)
-        if step_noise_TBHWC.shape != (steps, *shape_BHWC):
-            raise ValueError(f"step_noise_TBHWC has shape {step_noise_TBHWC.shape}, expected {(steps, *shape_BHWC)}")
-        step_noise_TBHWC = _pad_batch(step_noise_TBHWC, padded, axis=1)
-        key = None
+    if explicit:
+        noise_BHWC = np.asarray(noise_BHWC, np.float32)
+        step_noise_TBHWC = np.asarray(step_noise_TBHWC, np.float32)
+        if noise_BHWC.shape != shape_BHWC or step_noise_TBHWC.shape != (steps, *shape_BHWC):
+            raise ValueError(f"noise shapes {noise_BHWC.shape} / {step_noise_TBHWC.shape} do not match "
+                             f"{shape_BHWC} / {(steps, *shape_BHWC)}")
+        noise = (np.pad(noise_BHWC, [(0, padded - batch_size)] + [(0, 0)] * 3),
+                 np.pad(step_noise_TBHWC, [(0, 0), (0, padded - batch_size)] + [(0, 0)] * 3))
+    else:
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        noise = np.asarray(jax.random.key_data(key) if typed else key)
 
     graphdef, state = nnx.split(model)
-    run = _compiled_sampler(graphdef, mesh, eta, batch_size, explicit_noise=key is None)
-    images = run(state, scheduler, noise_BHWC, step_noise_TBHWC if key is None else key)
-    return np.asarray(jax.device_get(images))[:batch_size]
+    # Host copies, placed replicated on the mesh: valid inputs on one process or many.
+    scheduler = jax.device_put(jax.tree.map(np.asarray, scheduler), replicated(mesh))
+    run = _compiled_sampler(graphdef, mesh, eta, shape_BHWC, padded, explicit)
+    return to_host(run(state, scheduler, noise))[:batch_size]
 
 
 _SAMPLERS: dict = {}
 
 
-def _compiled_sampler(graphdef, mesh: Mesh, eta: float, batch_size: int, explicit_noise: bool):
-    """One jitted sampler per (model structure, mesh, eta, batch, noise mode); scheduler arrays are traced."""
-    cache_key = (graphdef, mesh, eta, batch_size, explicit_noise)
+def _compiled_sampler(graphdef, mesh: Mesh, eta: float, shape_BHWC: tuple, padded: int, explicit: bool):
+    """One jitted sampler per (model structure, mesh, eta, shape, noise mode); scheduler arrays are traced."""
+    cache_key = (graphdef, mesh, eta, shape_BHWC, padded, explicit)
     if cache_key in _SAMPLERS:
         return _SAMPLERS[cache_key]
     batch = batch_sharding(mesh)
 
-    def run(state, scheduler, noise_BHWC, noise_source):
+    def pad(x_BHWC):
+        return jax.lax.with_sharding_constraint(_pad_batch(x_BHWC, padded), batch)
+
+    def run(state, scheduler, noise):
         model = nnx.merge(graphdef, state)
-        if explicit_noise:
-            step_noise_fn = lambda i: noise_source[i]  # noqa: E731
+        if explicit:
+            x_T, step_noise_TBHWC = noise
+            step_noise_fn = lambda i: step_noise_TBHWC[i]  # noqa: E731
         else:
             # Draw for the real rows only, then pad: padding never changes the real rows' noise.
-            def step_noise_fn(i):
-                real = jax.random.normal(jax.random.fold_in(noise_source, i), (batch_size, *noise_BHWC.shape[1:]))
-                return jax.lax.with_sharding_constraint(_pad_batch(real, noise_BHWC.shape[0]), batch)
-
-        x = reverse_process(model, scheduler, noise_BHWC, step_noise_fn, eta)
+            init_key, steps_key = jax.random.split(jax.random.wrap_key_data(noise))
+            x_T = pad(jax.random.normal(init_key, shape_BHWC, jnp.float32))
+            step_noise_fn = lambda i: pad(jax.random.normal(jax.random.fold_in(steps_key, i), shape_BHWC))  # noqa
+        x = reverse_process(model, scheduler, x_T, step_noise_fn, eta)
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
-    noise_sharding = NamedSharding(mesh, P(None, *batch.spec)) if explicit_noise else replicated(mesh)
-    _SAMPLERS[cache_key] = jax.jit(
-        run, in_shardings=(replicated(mesh), replicated(mesh), batch, noise_sharding), out_shardings=batch
-    )
+    noise_shardings = (batch, NamedSharding(mesh, P(None, *batch.spec))) if explicit else replicated(mesh)
+    _SAMPLERS[cache_key] = jax.jit(run, in_shardings=(None, replicated(mesh), noise_shardings), out_shardings=batch)
     return _SAMPLERS[cache_key]

@@ -48,7 +48,10 @@ class Attention(nnx.Module):
             x_BTC = self.group_norm(x_BTC)
         split = lambda y: y.reshape(b, h * w, self.heads, self.dim_head)  # noqa: E731
         q, k, v = split(self.to_q(x_BTC)), split(self.to_k(x_BTC)), split(self.to_v(x_BTC))
+        if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no float16 x float16 -> float32 dot; compute this block in float32 there.
+            q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
         # Logits and softmax run in float32 even for bf16/fp16 inputs (diffusers' upcast_softmax=True).
-        out_BTNH = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head**-0.5)
+        out_BTNH = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head**-0.5).astype(x_BTC.dtype)
         out_BTC = self.to_out[0](out_BTNH.reshape(b, h * w, self.heads * self.dim_head))
         return (out_BTC.reshape(b, h, w, c) + residual) / self.rescale_output_factor

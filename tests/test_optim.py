@@ -1,0 +1,323 @@
+"""Parity of the LR schedules, clip + AdamW and fp16 loss scaling with diffusers / torch (the reference)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+
+from configs.default import get_config
+from uncond_flax.optim import (
+    LR_SCHEDULES,
+    DynamicLossScale,
+    NoLossScale,
+    all_finite,
+    clip_by_global_norm_like_torch,
+    current_lr,
+    lr_schedule,
+    make_loss_scale,
+    make_optimizer,
+    select_tree,
+)
+
+# (warmup, total): no warmup, short, warmup == total, warmup > total.
+STEP_PAIRS = [(0, 10), (2, 6), (3, 17), (5, 5), (8, 4)]
+# The reference loops step LambdaLR without (or, on skipped fp16 steps, instead of) an optimizer step on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+
+SHAPES = {"a": (3, 4), "b": (5,), "c": (2, 3, 2), "d": ()}
+
+
+def _torch_lrs(name: str, lr: float, warmup: int, total: int, n: int) -> np.ndarray:
+    """``get_last_lr()`` after k = 0..n-1 scheduler steps (the lr the k-th optimizer update uses)."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup, num_training_steps=total)
+    out = []
+    for k in range(n):
+        out.append(sched.get_last_lr()[0])
+        try:
+            sched.step()
+        except ZeroDivisionError:
+            # diffusers' polynomial divides by total - warmup == 0 at count == total; ours returns lr_end there.
+            assert name == "polynomial" and warmup == total == k + 1
+            out += [1e-7] + [lr * sched.lr_lambdas[0](j) for j in range(k + 2, n)]
+            break
+    return np.asarray(out, np.float64)
+
+
+def _ours(name, lr, warmup, total, counts) -> np.ndarray:
+    sched = lr_schedule(name, lr, warmup, total)
+    out = jax.jit(sched)(jnp.asarray(counts, jnp.int32))
+    assert out.dtype == jnp.float32
+    return np.asarray(out, np.float64)
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULES)
+@pytest.mark.parametrize("warmup,total", STEP_PAIRS)
+def test_lr_schedule_matches_diffusers(name, warmup, total):
+    lr = 1e-4
+    n = total + 6
+    ref = _torch_lrs(name, lr, warmup, total, n)
+    ours = _ours(name, lr, warmup, total, np.arange(n))
+    # atol covers exact zeros in torch that sin(pi * k)**2 reproduces only to ~1e-14 in float32.
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=lr * 1e-12)
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULES)
+def test_lr_schedule_long_run_precision(name):
+    # 10k steps: the tail of cosine/linear/polynomial goes to ~1e-8 of the peak; relative precision must hold there.
+    lr, warmup, total = 2e-3, 500, 10_000
+    counts = np.arange(total + 3)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    lam = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+    ref = np.asarray([lr * lam(int(k)) for k in counts])
+    np.testing.assert_allclose(_ours(name, lr, warmup, total, counts), ref, rtol=2e-6, atol=lr * 1e-12)
+
+
+def test_polynomial_depends_on_lr_init():
+    # diffusers' polynomial lambda is (range * pct + lr_end) / lr_init, so the lr curve is not a scaled copy.
+    for lr in (3e-3, 5e-7):
+        ref = _torch_lrs("polynomial", lr, 2, 8, 12)
+        np.testing.assert_allclose(_ours("polynomial", lr, 2, 8, np.arange(12)), ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="lr_end"):
+        lr_schedule("polynomial", 1e-7, 0, 10)
+
+
+def test_bad_scheduler_name():
+    with pytest.raises(ValueError, match=r"lr_scheduler.*'cosine_annealing'.*constant_with_warmup"):
+        lr_schedule("cosine_annealing", 1e-4, 0, 10)
+    cfg = get_config()
+    cfg.lr_scheduler = "nope"
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        make_optimizer(cfg, 10)
+
+
+def test_current_lr_and_scheduler_steps_per_update():
+    cfg = get_config()
+    cfg.lr_warmup_steps = 4
+    total = 20
+    counts = jnp.arange(10)
+    base = lr_schedule("cosine", cfg.learning_rate, 4, total)
+    np.testing.assert_array_equal(current_lr(cfg, total, counts), base(counts))
+    # accelerate with N processes steps the scheduler N times per update.
+    np.testing.assert_array_equal(current_lr(cfg, total, counts, scheduler_steps_per_update=2), base(2 * counts))
+
+
+def _random_tree(rng: np.random.Generator, scale: float = 1.0) -> dict:
+    return {k: np.asarray(scale * rng.standard_normal(s), np.float32) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 0.1, 3.0])
+def test_clip_matches_torch(scale):
+    rng = np.random.default_rng(1)
+    grads = _random_tree(rng, scale)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES.values()]
+    for p, g in zip(params, grads.values()):
+        p.grad = torch.from_numpy(g.copy())
+    total = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clip = clip_by_global_norm_like_torch(1.0)
+    ours, _ = jax.jit(clip.update)(grads, clip.init(grads))
+    for p, k in zip(params, SHAPES):
+        np.testing.assert_allclose(np.asarray(ours[k]), p.grad.numpy(), rtol=1e-6, atol=0)
+    # The scales straddle max_norm = 1 (total norm of 30 N(0, s^2) entries is ~5.5 s).
+    assert (float(total) > 1.0) == (scale == 3.0)
+
+
+def _config(**kw) -> ml_collections.ConfigDict:
+    cfg = get_config()
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+SETTINGS = {
+    # diffusers' defaults (lr 1e-4, betas (0.95, 0.999), wd 1e-6, eps 1e-8, cosine) with a short schedule.
+    "defaults_cosine": _config(lr_warmup_steps=2),
+    # Weight decay large enough to be visible, a different schedule, betas and eps.
+    "linear_big_wd": _config(
+        learning_rate=3e-3,
+        lr_scheduler="linear",
+        lr_warmup_steps=1,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_weight_decay=0.05,
+        adam_epsilon=1e-6,
+    ),
+}
+GRAD_SCALES = [0.01, 5.0, 0.3, 10.0, 0.05, 2.0]  # clipping triggers on 5, 10 and 2 (norms ~27, ~55, ~11)
+
+
+class _TorchRun:
+    """train_unconditional.py's update: clip_grad_norm_(1.0), AdamW.step(), lr_scheduler.step()."""
+
+    def __init__(self, cfg, init: dict, total: int):
+        self.params = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in init.values()]
+        self.opt = torch.optim.AdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.sched = get_scheduler(
+            cfg.lr_scheduler, optimizer=self.opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total
+        )
+
+    def set_grads(self, grads: dict) -> None:
+        for p, g in zip(self.params, grads.values()):
+            p.grad = torch.from_numpy(np.array(g, np.float32))
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad()
+
+    def numpy(self) -> dict:
+        return {k: p.detach().numpy().copy() for k, p in zip(SHAPES, self.params)}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_optimizer_matches_torch_adamw(setting):
+    cfg, total = SETTINGS[setting], 6
+    rng = np.random.default_rng(0)
+    init = _random_tree(rng)
+    grads = [_random_tree(rng, s) for s in GRAD_SCALES]
+
+    ref = _TorchRun(cfg, init, total)
+    tx = make_optimizer(cfg, total)
+    params = jax.tree_util.tree_map(jnp.asarray, init)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(params, opt_state, g):
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for k, g in enumerate(grads):
+        lr_used = float(current_lr(cfg, total, k))
+        assert math.isclose(lr_used, ref.sched.get_last_lr()[0], rel_tol=1e-6, abs_tol=1e-20)
+        ref.set_grads(g)
+        ref.step()
+        params, opt_state = update(params, opt_state, g)
+        want = ref.numpy()
+        for key in SHAPES:
+            got = np.asarray(params[key])
+            np.testing.assert_allclose(got, want[key], rtol=1e-6, atol=1e-7, err_msg=f"update {k}, {key}")
+            # The params move only ~lr per update: check the displacement too, to 1e-4 of itself plus the two
+            # float32 roundings of the param it is read from.
+            moved, want_moved = got - init[key], want[key] - init[key]
+            slack = 1e-4 * np.abs(want_moved) + 2 * np.spacing(np.maximum(np.abs(got), np.abs(want[key])))
+            assert np.all(np.abs(moved - want_moved) <= slack), (k, key, moved, want_moved)
+    # Update 0 ran at lr 0 (warmup), exactly as torch: it only filled Adam's moments.
+    assert float(current_lr(cfg, total, 0)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss scaling
+
+
+def test_loss_scale_growth_and_backoff():
+    ls = DynamicLossScale.create(init_scale=8.0, growth_interval=3)
+    update = jax.jit(lambda s, f: s.update(f))
+    seen = []
+    for finite in [True, True, True, True, False, True, True, True, True]:
+        ls = update(ls, jnp.asarray(finite))
+        seen.append((float(ls.scale), int(ls.good_steps)))
+    assert seen == [(8, 1), (8, 2), (16, 0), (16, 1), (8, 0), (8, 1), (8, 2), (16, 0), (16, 1)]
+    assert ls.scale.dtype == jnp.float32 and ls.good_steps.dtype == jnp.int32
+    # Static hyperparameters; only scale and good_steps are leaves (what orbax checkpoints).
+    assert len(jax.tree_util.tree_leaves(ls)) == 2 and ls.growth_interval == 3
+    assert jax.tree_util.tree_leaves(NoLossScale()) == []
+
+
+def test_loss_scale_inf_nan_and_roundtrip():
+    ls = DynamicLossScale.create()
+    assert float(ls.scale) == 2.0**16
+    grads = _random_tree(np.random.default_rng(2))
+    assert bool(all_finite(grads)) and bool(ls.grads_finite(grads))
+    for bad in (np.inf, -np.inf, np.nan):
+        g = dict(grads, b=grads["b"].copy())
+        g["b"][3] = bad
+        assert not bool(all_finite(g))
+        assert float(ls.update(all_finite(g)).scale) == 2.0**15
+    # A power-of-two scale round-trips exactly; fp16 losses are scaled in float32 (2**16 overflows fp16).
+    loss = jnp.asarray(1.2345, jnp.float16)
+    assert ls.scale_loss(loss).dtype == jnp.float32
+    assert float(ls.scale_loss(loss)) == float(loss) * 2.0**16
+    back = ls.unscale(jax.tree_util.tree_map(lambda g: g * ls.scale, grads))
+    for k in SHAPES:
+        np.testing.assert_array_equal(np.asarray(back[k]), grads[k])
+    half = ls.unscale({"h": jnp.asarray([2.0**15], jnp.float16)})["h"]
+    assert half.dtype == jnp.float16 and float(half[0]) == 0.5
+    # Growing past float32 max keeps the old scale, as GradScaler does.
+    top = DynamicLossScale.create(init_scale=2.0**127, growth_interval=1).update(jnp.asarray(True))
+    assert float(top.scale) == 2.0**127 and int(top.good_steps) == 0
+    # The no-op scale for fp32 / bf16.
+    none = make_loss_scale("no")
+    assert isinstance(none, NoLossScale) and isinstance(make_loss_scale("bf16"), NoLossScale)
+    assert isinstance(make_loss_scale("fp16"), DynamicLossScale)
+    assert none.scale_loss(loss) is loss and none.unscale(grads) is grads and none.update(False) is none
+    assert bool(none.grads_finite({"x": jnp.asarray([np.nan])}))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        make_loss_scale("fp8")
+
+
+PATTERN = [1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1]
+
+
+def test_fp16_step_matches_torch_gradscaler():
+    """The documented fp16 step (scale, unscale, clip + AdamW, skip on overflow) against GradScaler + accelerate.
+
+    accelerate skips lr_scheduler.step() when GradScaler skipped optimizer.step(); emulated here.
+    """
+    cfg, total = _config(lr_warmup_steps=2, learning_rate=1e-3), len(PATTERN)
+    rng = np.random.default_rng(3)
+    init = _random_tree(rng)
+    grads = [_random_tree(rng, 0.5 + 3 * (k % 2)) for k in range(len(PATTERN))]
+
+    ref = _TorchRun(cfg, init, total)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=3)
+    tx = make_optimizer(cfg, total)
+    params = jax.tree_util.tree_map(jnp.asarray, init)
+    opt_state = tx.init(params)
+    ls = DynamicLossScale.create(init_scale=2.0**4, growth_interval=3)
+
+    @jax.jit
+    def step(params, opt_state, ls, scaled_grads):
+        grads = ls.unscale(scaled_grads)
+        finite = ls.grads_finite(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        params, opt_state = select_tree(finite, (new_params, new_opt_state), (params, opt_state))
+        return params, opt_state, ls.update(finite)
+
+    for k, (ok, g) in enumerate(zip(PATTERN, grads)):
+        if not ok:
+            g = dict(g, a=np.full_like(g["a"], np.inf))
+        assert float(ls.scale) == scaler.get_scale()
+        scaled = {key: v * np.float32(scaler.get_scale()) for key, v in g.items()}
+
+        scaler.scale(torch.zeros(()))  # lazily creates GradScaler's scale tensor
+        ref.set_grads(scaled)
+        scaler.unscale_(ref.opt)
+        torch.nn.utils.clip_grad_norm_(ref.params, 1.0)
+        scaler.step(ref.opt)
+        scaler.update()
+        if ok:
+            ref.sched.step()
+        ref.opt.zero_grad()
+
+        params, opt_state, ls = step(params, opt_state, ls, scaled)
+        assert (float(ls.scale), int(ls.good_steps)) == (scaler.get_scale(), int(scaler._growth_tracker)), k
+        want = ref.numpy()
+        for key in SHAPES:
+            np.testing.assert_allclose(np.asarray(params[key]), want[key], rtol=1e-6, atol=1e-7, err_msg=str(k))
+    # Skipped steps advanced neither Adam's count nor the schedule's.
+    counts = [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+    assert counts == [sum(PATTERN)] * 2  # Adam's and the lr schedule's

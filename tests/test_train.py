@@ -1,0 +1,228 @@
+"""The trainer on tiny configs: it learns, writes what diffusers' script writes, and parallelism changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from uncond_flax.data import build_train_loader
+from uncond_flax.optim import make_optimizer
+from uncond_flax.parallel import make_mesh
+from uncond_flax.step import make_train_step
+from uncond_flax.train import create_train_state, noise_scheduler_for, resolve_config, train_and_evaluate
+
+from fixtures import tiny_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tmp_path, **overrides):
+    """tests/fixtures/tiny_digits.py with `output_dir` under tmp_path and dotted overrides."""
+    c = tiny_digits.get_config()
+    c.output_dir = str(tmp_path / "out")
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def read_metrics(config):
+    path = os.path.join(config.output_dir, config.logging_dir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_steps(config, mesh, steps, state=None, with_metrics=False):
+    """Train `steps` optimizer steps with the real loader and step on `mesh` (from `state` if given)."""
+    config = resolve_config(config)
+    with build_train_loader(config, mesh) as loader:
+        tx = make_optimizer(config, 100)
+        graphdef, _, fresh, _ = create_train_state(config, mesh, tx)
+        state = fresh if state is None else state
+        step = jax.jit(make_train_step(graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config),
+                                       config=config))
+        metrics = []
+        for _ in range(steps):
+            state, m = step(state, next(loader)["images"])
+            metrics.append(m)
+    return (state, metrics) if with_metrics else state
+
+
+def test_training_lowers_the_loss_and_writes_diffusers_outputs(tmp_path, monkeypatch):
+    calls = []
+    from huggingface_hub import HfApi
+
+    class _Repo:
+        repo_id = "me/ddpm-digits"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or _Repo())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+
+    config = tiny_config(tmp_path, max_train_steps=30, use_ema=True, push_to_hub=True, hub_model_id="me/ddpm-digits",
+                         lr_scheduler="cosine", num_epochs=1, save_images_epochs=1, save_model_epochs=1)
+    state = train_and_evaluate(config)
+    assert int(state.step) == 30 and int(state.skipped_steps) == 0
+
+    metrics = read_metrics(config)
+    losses = [m["loss"] for m in metrics]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5]), losses  # about 1.0 -> 0.6
+    assert {"lr", "grad_norm", "ema_decay", "img/s", "skipped_steps"} <= set(metrics[0])
+
+    out = config.output_dir
+    assert os.path.isfile(os.path.join(out, "samples", "epoch_0000.png"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "logs")))
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe.unet.config.sample_size == 8 and pipe.unet.config.in_channels == 1
+    assert pipe.scheduler.config.num_train_timesteps == 100
+    # The export holds the EMA weights, not the raw ones.
+    exported = pipe.unet.state_dict()["conv_in.weight"].numpy()
+    ema_conv_in = np.asarray(state.ema_params["conv_in"]["kernel"][...]).transpose(3, 2, 0, 1)
+    raw_conv_in = np.asarray(state.params["conv_in"]["kernel"][...]).transpose(3, 2, 0, 1)
+    np.testing.assert_array_equal(exported, ema_conv_in)
+    assert np.abs(exported - raw_conv_in).max() > 1e-6
+
+    # The logged lr is the one each update used, and ema_decay the decay it applied, as diffusers computes them.
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=config.learning_rate)
+    sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=2, num_training_steps=30)
+    ema = EMAModel([param], decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    for m in metrics:
+        assert m["lr"] == pytest.approx(sched.get_last_lr()[0], rel=1e-6, abs=1e-12)
+        ema.step([param])
+        assert m["ema_decay"] == pytest.approx(ema.cur_decay_value, rel=1e-6, abs=1e-12)
+        opt.step()
+        sched.step()
+
+    assert calls[0][:2] == ("create", "me/ddpm-digits")
+    assert calls[1][0] == "upload" and calls[1][1]["folder_path"] == out and calls[1][1]["repo_id"] == "me/ddpm-digits"
+    assert os.path.isfile(os.path.join(out, "README.md"))
+
+
+def test_data_parallel_and_fsdp_equal_one_device(tmp_path):
+    assert jax.device_count() == 8
+    # Same global batch (16): 2 per device on 8 devices, 16 on one.
+    on_8 = run_steps(tiny_config(tmp_path, train_batch_size=2), make_mesh(), 3)
+    fsdp = run_steps(tiny_config(tmp_path, train_batch_size=2, fsdp=2), make_mesh(fsdp=2), 3)
+    on_1 = run_steps(tiny_config(tmp_path, train_batch_size=16), make_mesh(devices=jax.devices()[:1]), 3)
+    sharded = [p for p in jax.tree.leaves(fsdp.params) if not p.sharding.is_fully_replicated]
+    assert sharded, "fsdp=2 should shard the larger weights"
+    # Only the order of floating-point reductions differs (gradient all-reduce over 8 shards vs one sum);
+    # Adam divides by sqrt(v), which can magnify that rounding on near-zero gradients, so compare to a small
+    # fraction of the 3 updates' size (3 * lr = 3e-3).
+    for other in (fsdp, on_1):
+        for a, b in zip(jax.tree.leaves(on_8.params), jax.tree.leaves(other.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
+
+
+def test_accumulation_of_4x4_equals_one_batch_of_16(tmp_path):
+    with build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=2)), make_mesh()) as big, \
+            build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4)),
+                               make_mesh(devices=jax.devices()[:1])) as small:
+        for _ in range(2):
+            a, b = np.asarray(next(big)["images"]), np.asarray(next(small)["images"])
+            assert a.shape == (1, 16, 8, 8, 1) and b.shape == (4, 4, 8, 8, 1)
+            np.testing.assert_array_equal(a.reshape(16, -1), b.reshape(16, -1))
+    one_big = run_steps(tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=1), make_mesh(), 2)
+    # 4 micro-batches of 4 (on 1 device, to keep the global batch at 16).
+    accum = run_steps(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4),
+                      make_mesh(devices=jax.devices()[:1]), 2)
+    for a, b in zip(jax.tree.leaves(one_big.params), jax.tree.leaves(accum.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_float32_master_weights(tmp_path, precision):
+    config = tiny_config(tmp_path, mixed_precision=precision)
+    state, metrics = run_steps(config, make_mesh(), 3, with_metrics=True)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
+    assert all(np.isfinite(float(m["loss"])) for m in metrics)
+    if precision == "fp16":
+        # GradScaler's schedule: 2**16 to start, halved on every overflow; finite steps are applied.
+        scales = [float(m["loss_scale"]) for m in metrics]
+        assert scales[0] == 2.0**16
+        applied = 3 - int(state.skipped_steps)
+        assert float(state.loss_scale.scale) == 2.0**16 * 0.5 ** int(state.skipped_steps) and applied >= 1
+    else:
+        assert int(state.skipped_steps) == 0
+
+
+def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
+    config = tiny_config(tmp_path, train_batch_size=2)
+    good = run_steps(config, make_mesh(), 1)
+    kernel = good.params["conv_in"]["kernel"]
+    poisoned = good.replace(params=jax.tree.map(lambda x: x, good.params))
+    poisoned.params["conv_in"]["kernel"].value = kernel[...].at[0, 0, 0, 0].set(np.inf)
+    after = run_steps(config, make_mesh(), 2, state=poisoned)
+    assert int(after.skipped_steps) == 2 and int(after.consecutive_skips) == 2 and int(after.step) == 3
+    for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    from uncond_flax.train import _StepLog
+
+    class Writer:
+        def scalars(self, step, values):
+            self.last = (step, values)
+
+    log = _StepLog(Writer(), images_per_step=16, config=tiny_config(tmp_path, max_consecutive_skips=3))
+    for step, consecutive in enumerate([1, 2, 0, 1, 2], start=1):
+        log.push(step, {"loss": np.nan, "lr": 0.0, "ema_decay": 0.0, "grad_norm": np.nan, "skipped_steps": step,
+                        "consecutive_skips": consecutive}, bar=None)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
+        log.push(6, {"loss": np.nan, "lr": 0.0, "ema_decay": 0.0, "grad_norm": np.nan, "skipped_steps": 6,
+                     "consecutive_skips": 3}, bar=None)
+        log.drain()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(mixed_precision="fp8"), "mixed_precision='fp8'"),
+        (dict(lr_scheduler="warmup_stable_decay"), "lr_scheduler 'warmup_stable_decay'"),
+        (dict(prediction_type="x0"), "prediction_type='x0'"),
+        (dict(logger="mlflow"), "logger='mlflow'"),
+        (dict(sample_scheduler="dpm"), "sample_scheduler='dpm'"),
+        (dict(ddpm_beta_schedule="quadratic"), "beta_schedule"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0"),
+        (dict(resolution=9, **{"model.block_out_channels": (16, 32), "model.down_block_types": ("DownBlock2D",) * 2,
+                               "model.up_block_types": ("UpBlock2D",) * 2}), "resolution 9 is not divisible"),
+        (dict(**{"model.down_block_types": ("SkipDownBlock2D",)}), "SkipDownBlock2D"),
+        (dict(fsdp=3), "fsdp=3"),
+    ],
+)
+def test_bad_config_fails_before_compiling(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train_and_evaluate(tiny_config(tmp_path, **override))
+    assert not os.path.exists(os.path.join(tmp_path, "out", "unet"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.learning_rat=1e-3"], 'learning_rat\' Did you mean "learning_rate"'),
+        (["--config.resolution=10"], "resolution 10 is not divisible by the UNet's downsampling factor 4"),
+    ],
+)
+def test_command_line_errors_are_one_line(args, message):
+    result = subprocess.run([sys.executable, "train_flax.py", "--config=configs/digits.py", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_flax.py: error:") and message in last, result.stderr

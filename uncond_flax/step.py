@@ -1,0 +1,122 @@
+"""The diffusion loss and the jitted train step (pure: TrainState in, TrainState out)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from uncond_flax.ema import ema_step_update
+from uncond_flax.optim import all_finite, global_norm_like_torch, select_tree
+from uncond_flax.train_state import TrainState
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def normalize_images(images_uint8: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], as torchvision's ToTensor() then Normalize([0.5], [0.5])."""
+    return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+
+
+def diffusion_loss(model_output: jax.Array, x0: jax.Array, noise: jax.Array, t_B: jax.Array, scheduler: Any,
+                   prediction_type: str) -> jax.Array:
+    """diffusers' train_unconditional loss, in float32: MSE to the noise / SNR-weighted MSE to x0 / MSE to v."""
+    model_output = model_output.astype(jnp.float32)
+    if prediction_type == "epsilon":
+        return jnp.mean((model_output - noise) ** 2)
+    if prediction_type == "sample":
+        alpha_t = scheduler.alphas_cumprod[t_B].reshape(-1, *([1] * (x0.ndim - 1)))
+        snr_weights = alpha_t / (1 - alpha_t)
+        return jnp.mean(snr_weights * (model_output - x0) ** 2)
+    if prediction_type == "v_prediction":
+        return jnp.mean((model_output - scheduler.get_velocity(x0, noise, t_B)) ** 2)
+    raise ValueError(f"prediction_type={prediction_type!r}; choose one of {list(PREDICTION_TYPES)}")
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The step's randomness depends only on (seed, step): a resumed run draws what the original would."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    *,
+    tx: optax.GradientTransformation,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    noise_scheduler: Any,
+    config: Any,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, images_ABHWC uint8) -> (state, metrics)`: A micro-batches accumulated, one update.
+
+    A step whose loss or gradients are not finite changes no weights and no optimizer state (the fp16 loss
+    scale backs off); as in diffusers, the EMA still takes its step, toward the unchanged weights. `lr_fn`
+    only feeds the logged `lr` (the schedule itself lives in `tx`, counting applied updates).
+    """
+    prediction_type = config.prediction_type
+    num_train_timesteps = noise_scheduler.num_train_timesteps
+    use_dropout = config.model.get("dropout", 0.0) > 0
+    ema_kwargs = dict(inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
+
+    def micro_loss(params, buffers, x0, noise, t_B, dropout_key, loss_scale):
+        model = nnx.merge(graphdef, params, buffers)
+        noisy = noise_scheduler.add_noise(x0, noise, t_B)
+        rngs = nnx.Rngs(dropout=dropout_key) if use_dropout else None
+        loss = diffusion_loss(model(noisy, t_B, rngs=rngs), x0, noise, t_B, noise_scheduler, prediction_type)
+        return loss_scale.scale_loss(loss), loss
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, images_ABHWC: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        k_noise, k_time, k_drop = jax.random.split(step_key(config.seed, state.step), 3)
+        x0_ABHWC = normalize_images(images_ABHWC)
+        # Drawn for the whole step at once: A micro-batches of B see the same numbers as one batch of A*B.
+        noise_ABHWC = jax.random.normal(k_noise, x0_ABHWC.shape, jnp.float32)
+        t_AB = jax.random.randint(k_time, x0_ABHWC.shape[:2], 0, num_train_timesteps)
+        accum = x0_ABHWC.shape[0]
+
+        # A Python loop, unrolled at trace time: XLA:CPU runs convolutions inside a `lax.scan` body ~30x
+        # slower, and A is small. Compile time grows with A.
+        grads, loss_sum = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
+        for i in range(accum):
+            micro_grads, micro = grad_fn(state.params, state.buffers, x0_ABHWC[i], noise_ABHWC[i], t_AB[i],
+                                         jax.random.fold_in(k_drop, i), state.loss_scale)
+            grads, loss_sum = jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro
+        loss = loss_sum / accum
+        grads = state.loss_scale.unscale(jax.tree.map(lambda g: g / accum, grads))
+        finite = jnp.isfinite(loss) & all_finite(grads)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params, opt_state = select_tree(finite, (optax.apply_updates(state.params, updates), opt_state),
+                                        (state.params, state.opt_state))
+        ema_params, ema_step, decay = state.ema_params, state.ema_step, jnp.zeros((), jnp.float32)
+        if ema_params is not None:
+            ema_step = state.ema_step + 1
+            ema_params, decay = ema_step_update(ema_params, params, ema_step, **ema_kwargs)
+
+        skipped = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            ema_step=ema_step,
+            loss_scale=state.loss_scale.update(finite),
+            skipped_steps=state.skipped_steps + skipped,
+            consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "lr": lr_fn(state.step - state.skipped_steps),  # the lr this update used (0 if skipped)
+            "grad_norm": global_norm_like_torch(grads),
+            "ema_decay": decay,
+            "skipped_steps": new_state.skipped_steps,
+            "consecutive_skips": new_state.consecutive_skips,
+        }
+        if state.loss_scale.is_dynamic:
+            metrics["loss_scale"] = state.loss_scale.scale
+        return new_state, metrics
+
+    return train_step
