@@ -1,7 +1,7 @@
 """Train an unconditional DDPM with JAX, the way diffusers' train_unconditional.py does.
 
-    python train_flax.py --config=configs/digits.py
-    python train_flax.py --config=configs/flowers64.py --config.output_dir=ddpm-ema-flowers-64 --config.train_batch_size=16
+python train_flax.py --config=configs/digits.py
+python train_flax.py --config=configs/flowers64.py --config.output_dir=ddpm-ema-flowers-64 --config.train_batch_size=16
 """
 
 import logging as pylogging
@@ -10,8 +10,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file, e.g. configs/digits.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file, e.g. configs/digits.py.", lock_config=True
+)
 
 
 def _fail(error: BaseException) -> None:

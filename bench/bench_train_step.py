@@ -40,8 +40,16 @@ def bench_step(resolution: int, batch: int, mixed_precision: str, steps: int) ->
     mesh = make_mesh()
     tx = make_optimizer(config, 10_000)
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
-    step = jax.jit(make_train_step(graphdef, tx=tx, lr_fn=lr_schedule("cosine", 1e-4, 500, 10_000),
-                                   noise_scheduler=noise_scheduler_for(config), config=config), donate_argnums=0)
+    step = jax.jit(
+        make_train_step(
+            graphdef,
+            tx=tx,
+            lr_fn=lr_schedule("cosine", 1e-4, 500, 10_000),
+            noise_scheduler=noise_scheduler_for(config),
+            config=config,
+        ),
+        donate_argnums=0,
+    )
     images = jnp.zeros((1, config.train_batch_size * jax.device_count(), resolution, resolution, 3), jnp.uint8)
     start = time.perf_counter()
     state, metrics = step(state, images)
@@ -70,8 +78,10 @@ def main() -> None:
     step_rate, compile_s = bench_step(args.resolution, args.batch_size, args.mixed_precision, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_jpeg_folder(os.path.join(tmp, "images"), args.num_images)
-        loader = {w: bench_ours(data_dir, os.path.join(tmp, "cache"), w, max(args.batch_size, 32), args.resolution, 8)
-                  for w in (0, 2)}
+        loader = {
+            w: bench_ours(data_dir, os.path.join(tmp, "cache"), w, max(args.batch_size, 32), args.resolution, 8)
+            for w in (0, 2)
+        }
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"device: {device}; resolution {args.resolution}; train_unconditional UNet; {args.mixed_precision}")
     print(f"train step : {step_rate:8.1f} img/s (batch {args.batch_size}, compile {compile_s:.0f}s)")

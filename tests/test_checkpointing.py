@@ -29,9 +29,16 @@ CHILD_ENV = {
 
 
 def train_cmd(output_dir, *overrides, script="train_flax.py"):
-    return [sys.executable, os.path.join(ROOT, script), "--config=tests/fixtures/tiny_digits.py",
-            f"--config.output_dir={output_dir}", "--config.use_ema=True", "--config.save_images_epochs=1000",
-            "--config.save_model_epochs=1000", *overrides]
+    return [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--config=tests/fixtures/tiny_digits.py",
+        f"--config.output_dir={output_dir}",
+        "--config.use_ema=True",
+        "--config.save_images_epochs=1000",
+        "--config.save_model_epochs=1000",
+        *overrides,
+    ]
 
 
 def saved_state(output_dir, step):
@@ -79,8 +86,9 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
 
     run = tmp_path / "interrupted"
     # 1. SIGTERM after step 22: the current step finishes, a checkpoint is saved there, the exit code says so.
-    proc = subprocess.Popen(train_cmd(run, *args), cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(run, *args), cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for(lambda: len(metrics_at(run)) >= every + 2, proc, what="step 22")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -91,10 +99,14 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
     assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == [every, stopped_at]
 
     # 2. Resume, and SIGKILL the process while checkpoint 40 sits in orbax's temporary directory.
-    proc = subprocess.Popen(train_cmd(run, *args, "--config.resume_from_checkpoint=latest",
-                                      script="tests/fixtures/slow_save_train.py"),
-                            cwd=ROOT, env={**CHILD_ENV, "UNCOND_FLAX_SLOW_SAVE_STEP": str(2 * every)},
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        train_cmd(run, *args, "--config.resume_from_checkpoint=latest", script="tests/fixtures/slow_save_train.py"),
+        cwd=ROOT,
+        env={**CHILD_ENV, "UNCOND_FLAX_SLOW_SAVE_STEP": str(2 * every)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     line = ""
     while f"COMMITTING {2 * every}" not in line:
         line = proc.stdout.readline()
@@ -106,8 +118,14 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
     assert any(".orbax-checkpoint-tmp" in d for d in leftovers), leftovers
 
     # 3. Resume again: from the last committed checkpoint; the unfinished one is cleaned up.
-    resumed = subprocess.run(train_cmd(run, *args, "--config.resume_from_checkpoint=latest"), cwd=ROOT,
-                             env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        train_cmd(run, *args, "--config.resume_from_checkpoint=latest"),
+        cwd=ROOT,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint {stopped_at}" in resumed.stderr
     assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == [every, stopped_at, 2 * every, steps]
@@ -127,37 +145,67 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
 
 def test_restore_on_another_device_count_continues_training(tmp_path, monkeypatch):
     # 8 devices x 2 per device, then 1 device x 16: the same global batch, so the same data.
-    eight = tiny_config(tmp_path, use_ema=True, max_train_steps=4, checkpointing_steps=2, save_images_epochs=1000,
-                        save_model_epochs=1000)
+    eight = tiny_config(
+        tmp_path,
+        use_ema=True,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        save_images_epochs=1000,
+        save_model_epochs=1000,
+    )
     state_8 = train_and_evaluate(eight)
     saved = jax.tree.map(np.asarray, state_8)
 
     monkeypatch.setattr(train_module, "make_mesh", lambda fsdp: make_mesh(devices=jax.devices()[:1]))
-    restore_only = tiny_config(tmp_path, use_ema=True, max_train_steps=4, checkpointing_steps=2,
-                               train_batch_size=16, resume_from_checkpoint="latest", save_images_epochs=1000,
-                               save_model_epochs=1000)
+    restore_only = tiny_config(
+        tmp_path,
+        use_ema=True,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        train_batch_size=16,
+        resume_from_checkpoint="latest",
+        save_images_epochs=1000,
+        save_model_epochs=1000,
+    )
     state_1 = train_and_evaluate(restore_only)  # nothing left to train: just the restore
     assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in jax.tree.leaves(state_1.params))
-    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(state_1)):
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(state_1), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
 
-    more = tiny_config(tmp_path, use_ema=True, max_train_steps=6, checkpointing_steps=2, train_batch_size=16,
-                       resume_from_checkpoint="latest", save_images_epochs=1000, save_model_epochs=1000)
+    more = tiny_config(
+        tmp_path,
+        use_ema=True,
+        max_train_steps=6,
+        checkpointing_steps=2,
+        train_batch_size=16,
+        resume_from_checkpoint="latest",
+        save_images_epochs=1000,
+        save_model_epochs=1000,
+    )
     state_6 = train_and_evaluate(more)
     assert int(state_6.step) == 6
     assert [m["step"] for m in read_metrics(more)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_total_limit_latest_when_empty_and_model_mismatch(tmp_path, caplog):
-    config = tiny_config(tmp_path, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2, use_ema=True,
-                         resume_from_checkpoint="latest", save_images_epochs=1000, save_model_epochs=1000)
+    config = tiny_config(
+        tmp_path,
+        max_train_steps=6,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
+        use_ema=True,
+        resume_from_checkpoint="latest",
+        save_images_epochs=1000,
+        save_model_epochs=1000,
+    )
     with caplog.at_level("INFO", logger="uncond_flax"):
         train_and_evaluate(config)
     assert "no checkpoint in" in caplog.text and "starting fresh" in caplog.text
     assert sorted(int(s) for s in os.listdir(tmp_path / "out" / "checkpoints")) == [4, 6]
 
-    other_model = tiny_config(tmp_path, resume_from_checkpoint="checkpoint-6", use_ema=True,
-                              **{"model.layers_per_block": 2})
+    other_model = tiny_config(
+        tmp_path, resume_from_checkpoint="checkpoint-6", use_ema=True, **{"model.layers_per_block": 2}
+    )
     with pytest.raises(ConfigError, match=r"checkpoint 6 .* model\.layers_per_block differ"):
         train_and_evaluate(other_model)
     with pytest.raises(ConfigError, match=r"no checkpoint for step 5 .*found \[4, 6\]"):

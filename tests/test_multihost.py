@@ -31,19 +31,35 @@ def _start_pair(output_dir, *extra):
     port = _free_port()
     return [
         subprocess.Popen(
-            train_cmd(output_dir, *ARGS, *extra, "--config.distributed=True",
-                      f"--config.coordinator_address=127.0.0.1:{port}", "--config.num_processes=2",
-                      f"--config.process_id={i}"),
-            cwd=ROOT, env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "2"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            train_cmd(
+                output_dir,
+                *ARGS,
+                *extra,
+                "--config.distributed=True",
+                f"--config.coordinator_address=127.0.0.1:{port}",
+                "--config.num_processes=2",
+                f"--config.process_id={i}",
+            ),
+            cwd=ROOT,
+            env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
 
 
 def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path):
     single = tmp_path / "single"
-    subprocess.run(train_cmd(single, *ARGS), cwd=ROOT, env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "4"}, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        train_cmd(single, *ARGS),
+        cwd=ROOT,
+        env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "4"},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     run = tmp_path / "two"
     procs = _start_pair(run)

@@ -1,7 +1,6 @@
 """Our jitted sampler against diffusers' DDPMPipeline / DDIMPipeline on the same weights and noise."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
@@ -13,8 +12,14 @@ from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
 
 from torch_reference import nhwc, randomized_torch_unet
 
-CONFIG = dict(sample_size=8, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, layers_per_block=1)
+CONFIG = dict(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    layers_per_block=1,
+)
 
 
 def _models(seed=0):
@@ -41,8 +46,12 @@ def test_ddpm_sampler_equals_diffusers_pipeline():
     first, draws = _draws(0, (2, 3, 8, 8), 9)
     step_noise = np.stack([nhwc(d) for d in draws] + [np.zeros((2, 8, 8, 3), np.float32)])
     got = sample_images(
-        ours, FlaxDDPMScheduler.from_config(dict(torch_sched.config)), batch_size=2, num_inference_steps=10,
-        noise_BHWC=nhwc(first), step_noise_TBHWC=step_noise,
+        ours,
+        FlaxDDPMScheduler.from_config(dict(torch_sched.config)),
+        batch_size=2,
+        num_inference_steps=10,
+        noise_BHWC=nhwc(first),
+        step_noise_TBHWC=step_noise,
     )
     assert got.shape == expected.shape == (2, 8, 8, 3)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
@@ -59,8 +68,15 @@ def test_ddim_sampler_equals_diffusers_pipeline_eta_0_and_1():
         ).images
         first, draws = _draws(3, (2, 3, 8, 8), 6 if eta > 0 else 0)
         step_noise = np.stack([nhwc(d) for d in draws]) if eta > 0 else np.zeros((6, 2, 8, 8, 3), np.float32)
-        got = sample_images(ours, ours_sched, batch_size=2, num_inference_steps=6, eta=eta,
-                            noise_BHWC=nhwc(first), step_noise_TBHWC=step_noise)
+        got = sample_images(
+            ours,
+            ours_sched,
+            batch_size=2,
+            num_inference_steps=6,
+            eta=eta,
+            noise_BHWC=nhwc(first),
+            step_noise_TBHWC=step_noise,
+        )
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"eta={eta}")
 
 
@@ -69,8 +85,9 @@ def test_images_do_not_depend_on_device_count():
     sched = FlaxDDPMScheduler.create()
     key = jax.random.key(7)
     on_8 = sample_images(ours, sched, batch_size=3, num_inference_steps=4, key=key, mesh=make_mesh())
-    on_1 = sample_images(ours, sched, batch_size=3, num_inference_steps=4, key=key,
-                         mesh=make_mesh(devices=jax.devices()[:1]))
+    on_1 = sample_images(
+        ours, sched, batch_size=3, num_inference_steps=4, key=key, mesh=make_mesh(devices=jax.devices()[:1])
+    )
     assert len(jax.devices()) == 8
     assert on_8.shape == (3, 8, 8, 3) and on_8.min() >= 0 and on_8.max() <= 1
     np.testing.assert_allclose(on_8, on_1, atol=1e-4, rtol=0)  # float32 reduction order; << 1/255

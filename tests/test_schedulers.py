@@ -92,9 +92,7 @@ def test_ddim_tables_match(beta_schedule, set_alpha_to_one):
     kwargs = dict(beta_schedule=beta_schedule, set_alpha_to_one=set_alpha_to_one)
     ours, ref = FlaxDDIMScheduler.create(**kwargs), DDIMScheduler(**kwargs)
     np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(
-        float(ours.final_alpha_cumprod), float(ref.final_alpha_cumprod), rtol=0, atol=1e-6
-    )
+    np.testing.assert_allclose(float(ours.final_alpha_cumprod), float(ref.final_alpha_cumprod), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +171,7 @@ def test_add_noise_and_velocity_match(kwargs):
     assert_parity(ours.get_velocity(*args), ref.get_velocity(x0, noise, t))
     # Any rank: per-batch factors broadcast over the trailing axes.
     flat = (x0.reshape(4, -1), noise.reshape(4, -1))
-    assert_parity(
-        ours.add_noise(flat[0].numpy(), flat[1].numpy(), t.numpy()), ref.add_noise(*flat, t), nchw=False
-    )
+    assert_parity(ours.add_noise(flat[0].numpy(), flat[1].numpy(), t.numpy()), ref.add_noise(*flat, t), nchw=False)
 
 
 def test_add_noise_under_jit_keeps_dtype():
@@ -196,9 +192,7 @@ def ddpm_model_output(variance_type: str, seed: int) -> torch.Tensor:
     prediction = randn(seed)
     if variance_type == "learned":
         # A variance, so positive (diffusers takes its sqrt).
-        variance = torch.from_numpy(
-            np.random.default_rng(seed + 1).uniform(1e-3, 2e-2, NCHW).astype(np.float32)
-        )
+        variance = torch.from_numpy(np.random.default_rng(seed + 1).uniform(1e-3, 2e-2, NCHW).astype(np.float32))
     elif variance_type == "learned_range":
         variance = torch.from_numpy(np.random.default_rng(seed + 1).uniform(-1, 1, NCHW).astype(np.float32))
     else:
@@ -262,14 +256,10 @@ def test_ddpm_step_noise_sources():
     model_output, sample = jnp.ones((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3))
     key = jax.random.key(3)
     from_key = ours.step(model_output, 50, sample, key=key).prev_sample
-    explicit = ours.step(
-        model_output, 50, sample, variance_noise=jax.random.normal(key, sample.shape)
-    ).prev_sample
+    explicit = ours.step(model_output, 50, sample, variance_noise=jax.random.normal(key, sample.shape)).prev_sample
     np.testing.assert_array_equal(np.asarray(from_key), np.asarray(explicit))
     # variance_noise wins over key.
-    zero_noise = ours.step(
-        model_output, 50, sample, key=key, variance_noise=jnp.zeros_like(sample)
-    ).prev_sample
+    zero_noise = ours.step(model_output, 50, sample, key=key, variance_noise=jnp.zeros_like(sample)).prev_sample
     assert not np.allclose(np.asarray(zero_noise), np.asarray(from_key))
     # The last step (static t=0) is deterministic and needs no noise source.
     ours.step(model_output, 0, sample)
@@ -324,9 +314,7 @@ def test_ddpm_sampling_loop_under_jit_matches():
 def run_ddim_step_pair(ours, ref, timestep: int, seed: int, **step_kwargs):
     model_output, sample, noise = randn(seed), randn(seed + 1, scale=1.5), torch_noise(seed)
     ref_out = ref.step(model_output, timestep, sample, variance_noise=noise, **step_kwargs)
-    ours_out = ours.step(
-        nhwc(model_output), timestep, nhwc(sample), variance_noise=nhwc(noise), **step_kwargs
-    )
+    ours_out = ours.step(nhwc(model_output), timestep, nhwc(sample), variance_noise=nhwc(noise), **step_kwargs)
     return ours_out, ref_out
 
 
@@ -351,9 +339,7 @@ def test_ddim_step_matches(prediction_type, clip_mode, eta, use_clipped_model_ou
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_ddim_full_schedule_matches(spacing, set_alpha_to_one, eta):
     # 7 steps over 1000 train steps: t - 1000 // 7 is not the next table entry for trailing/linspace.
-    kwargs = dict(
-        timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one, steps_offset=1, clip_sample=False
-    )
+    kwargs = dict(timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one, steps_offset=1, clip_sample=False)
     ours, ref = FlaxDDIMScheduler.create(**kwargs).set_timesteps(7), DDIMScheduler(**kwargs)
     ref.set_timesteps(7)
     for i, timestep in enumerate(ref.timesteps.tolist()):
@@ -445,9 +431,7 @@ def test_config_round_trips_through_diffusers(ours_cls, ref_cls, kwargs):
     assert {k: ref.config[k] for k in ours.config} == ours.config
     assert {k: ref_cls(**kwargs).config[k] for k in ours.config} == ours.config
     assert ours_cls.from_config(dict(ref.config)).config == ours.config
-    np.testing.assert_allclose(
-        np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_from_config_ignores_metadata_and_warns_on_unknown_keys(caplog):
@@ -456,16 +440,10 @@ def test_from_config_ignores_metadata_and_warns_on_unknown_keys(caplog):
         ddpm = FlaxDDPMScheduler.from_config(ddim_config)
     assert ddpm.steps_offset == 1
     warnings = " ".join(r.getMessage() for r in caplog.records)
-    assert (
-        "set_alpha_to_one" in warnings
-        and "_class_name" not in warnings
-        and "_diffusers_version" not in warnings
-    )
+    assert "set_alpha_to_one" in warnings and "_class_name" not in warnings and "_diffusers_version" not in warnings
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        ddim = FlaxDDIMScheduler.from_config(
-            FlaxDDPMScheduler.create(variance_type="fixed_large").to_config()
-        )
+        ddim = FlaxDDIMScheduler.from_config(FlaxDDPMScheduler.create(variance_type="fixed_large").to_config())
     assert "variance_type" in caplog.text and ddim.set_alpha_to_one
 
 

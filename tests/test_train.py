@@ -47,8 +47,11 @@ def run_steps(config, mesh, steps, state=None, with_metrics=False):
         tx = make_optimizer(config, 100)
         graphdef, _, fresh, _ = create_train_state(config, mesh, tx)
         state = fresh if state is None else state
-        step = jax.jit(make_train_step(graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config),
-                                       config=config))
+        step = jax.jit(
+            make_train_step(
+                graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config), config=config
+            )
+        )
         metrics = []
         for _ in range(steps):
             state, m = step(state, next(loader)["images"])
@@ -63,11 +66,22 @@ def test_training_lowers_the_loss_and_writes_diffusers_outputs(tmp_path, monkeyp
     class _Repo:
         repo_id = "me/ddpm-digits"
 
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or _Repo())
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or _Repo()
+    )
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
 
-    config = tiny_config(tmp_path, max_train_steps=30, use_ema=True, push_to_hub=True, hub_model_id="me/ddpm-digits",
-                         lr_scheduler="cosine", num_epochs=1, save_images_epochs=1, save_model_epochs=1)
+    config = tiny_config(
+        tmp_path,
+        max_train_steps=30,
+        use_ema=True,
+        push_to_hub=True,
+        hub_model_id="me/ddpm-digits",
+        lr_scheduler="cosine",
+        num_epochs=1,
+        save_images_epochs=1,
+        save_model_epochs=1,
+    )
     state = train_and_evaluate(config)
     assert int(state.step) == 30 and int(state.skipped_steps) == 0
 
@@ -124,23 +138,30 @@ def test_data_parallel_and_fsdp_equal_one_device(tmp_path):
     # Adam divides by sqrt(v), which can magnify that rounding on near-zero gradients, so compare to a small
     # fraction of the 3 updates' size (3 * lr = 3e-3).
     for other in (fsdp, on_1):
-        for a, b in zip(jax.tree.leaves(on_8.params), jax.tree.leaves(other.params)):
+        for a, b in zip(jax.tree.leaves(on_8.params), jax.tree.leaves(other.params), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
 
 
 def test_accumulation_of_4x4_equals_one_batch_of_16(tmp_path):
-    with build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=2)), make_mesh()) as big, \
-            build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4)),
-                               make_mesh(devices=jax.devices()[:1])) as small:
+    with (
+        build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=2)), make_mesh()) as big,
+        build_train_loader(
+            resolve_config(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4)),
+            make_mesh(devices=jax.devices()[:1]),
+        ) as small,
+    ):
         for _ in range(2):
             a, b = np.asarray(next(big)["images"]), np.asarray(next(small)["images"])
             assert a.shape == (1, 16, 8, 8, 1) and b.shape == (4, 4, 8, 8, 1)
             np.testing.assert_array_equal(a.reshape(16, -1), b.reshape(16, -1))
     one_big = run_steps(tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=1), make_mesh(), 2)
     # 4 micro-batches of 4 (on 1 device, to keep the global batch at 16).
-    accum = run_steps(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4),
-                      make_mesh(devices=jax.devices()[:1]), 2)
-    for a, b in zip(jax.tree.leaves(one_big.params), jax.tree.leaves(accum.params)):
+    accum = run_steps(
+        tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4),
+        make_mesh(devices=jax.devices()[:1]),
+        2,
+    )
+    for a, b in zip(jax.tree.leaves(one_big.params), jax.tree.leaves(accum.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
 
 
@@ -169,7 +190,7 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     poisoned.params["conv_in"]["kernel"].value = kernel[...].at[0, 0, 0, 0].set(np.inf)
     after = run_steps(config, make_mesh(), 2, state=poisoned)
     assert int(after.skipped_steps) == 2 and int(after.consecutive_skips) == 2 and int(after.step) == 3
-    for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params)):
+    for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -182,11 +203,31 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
 
     log = _StepLog(Writer(), images_per_step=16, config=tiny_config(tmp_path, max_consecutive_skips=3))
     for step, consecutive in enumerate([1, 2, 0, 1, 2], start=1):
-        log.push(step, {"loss": np.nan, "lr": 0.0, "ema_decay": 0.0, "grad_norm": np.nan, "skipped_steps": step,
-                        "consecutive_skips": consecutive}, bar=None)
+        log.push(
+            step,
+            {
+                "loss": np.nan,
+                "lr": 0.0,
+                "ema_decay": 0.0,
+                "grad_norm": np.nan,
+                "skipped_steps": step,
+                "consecutive_skips": consecutive,
+            },
+            bar=None,
+        )
     with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
-        log.push(6, {"loss": np.nan, "lr": 0.0, "ema_decay": 0.0, "grad_norm": np.nan, "skipped_steps": 6,
-                     "consecutive_skips": 3}, bar=None)
+        log.push(
+            6,
+            {
+                "loss": np.nan,
+                "lr": 0.0,
+                "ema_decay": 0.0,
+                "grad_norm": np.nan,
+                "skipped_steps": 6,
+                "consecutive_skips": 3,
+            },
+            bar=None,
+        )
         log.drain()
 
 
@@ -200,8 +241,17 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
         (dict(sample_scheduler="dpm"), "sample_scheduler='dpm'"),
         (dict(ddpm_beta_schedule="quadratic"), "beta_schedule"),
         (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0"),
-        (dict(resolution=9, **{"model.block_out_channels": (16, 32), "model.down_block_types": ("DownBlock2D",) * 2,
-                               "model.up_block_types": ("UpBlock2D",) * 2}), "resolution 9 is not divisible"),
+        (
+            dict(
+                resolution=9,
+                **{
+                    "model.block_out_channels": (16, 32),
+                    "model.down_block_types": ("DownBlock2D",) * 2,
+                    "model.up_block_types": ("UpBlock2D",) * 2,
+                },
+            ),
+            "resolution 9 is not divisible",
+        ),
         (dict(**{"model.down_block_types": ("SkipDownBlock2D",)}), "SkipDownBlock2D"),
         (dict(fsdp=3), "fsdp=3"),
     ],
@@ -220,8 +270,13 @@ def test_bad_config_fails_before_compiling(tmp_path, override, message):
     ],
 )
 def test_command_line_errors_are_one_line(args, message):
-    result = subprocess.run([sys.executable, "train_flax.py", "--config=configs/digits.py", *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train_flax.py", "--config=configs/digits.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -15,42 +15,79 @@ from uncond_flax.models import FlaxUNet2DModel
 
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
-SMALL = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-             up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+SMALL = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
 
 CONFIGS = {
     # diffusers' train_unconditional.py model, at 32 px.
     "train_unconditional_default": dict(
-        sample_size=32, layers_per_block=2, block_out_channels=(128, 128, 256, 256, 512, 512),
+        sample_size=32,
+        layers_per_block=2,
+        block_out_channels=(128, 128, 256, 256, 512, 512),
         down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
     ),
     # google/ddpm-cifar10-32's layout, narrower.
     "ddpm_cifar10_style": dict(
-        sample_size=16, block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, flip_sin_to_cos=False,
-        freq_shift=1, downsample_padding=0, norm_eps=1e-6, norm_num_groups=16,
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        norm_eps=1e-6,
+        norm_num_groups=16,
     ),
     "scale_shift_fourier_headdim_none": dict(
-        SMALL, sample_size=16, resnet_time_scale_shift="scale_shift", time_embedding_type="fourier",
+        SMALL,
+        sample_size=16,
+        resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier",
         attention_head_dim=None,
     ),
     "resnet_up_down_padding0": dict(
-        sample_size=16, block_out_channels=(32, 32, 64), down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"), downsample_type="resnet",
-        upsample_type="resnet", downsample_padding=0, norm_num_groups=8, attention_head_dim=16,
+        sample_size=16,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
+        downsample_type="resnet",
+        upsample_type="resnet",
+        downsample_padding=0,
+        norm_num_groups=8,
+        attention_head_dim=16,
     ),
     "no_mid_block_one_layer": dict(SMALL, sample_size=16, mid_block_type=None, layers_per_block=1),
     "three_layers_groups16_mish": dict(
-        sample_size=16, block_out_channels=(32, 48), down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D"), layers_per_block=3, norm_num_groups=16, act_fn="mish",
-        mid_block_scale_factor=1.41421356, attn_norm_num_groups=4, center_input_sample=True, time_embedding_dim=96,
+        sample_size=16,
+        block_out_channels=(32, 48),
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        layers_per_block=3,
+        norm_num_groups=16,
+        act_fn="mish",
+        mid_block_scale_factor=1.41421356,
+        attn_norm_num_groups=4,
+        center_input_sample=True,
+        time_embedding_dim=96,
         attention_head_dim=12,
     ),
     "scale_shift_mid_without_groupnorm": dict(SMALL, sample_size=8, resnet_time_scale_shift="scale_shift"),
     "learned_time_gelu_no_attention_grayscale": dict(
-        SMALL, sample_size=(8, 16), in_channels=1, out_channels=2, time_embedding_type="learned",
-        num_train_timesteps=1000, act_fn="gelu", add_attention=False, dropout=0.1,
+        SMALL,
+        sample_size=(8, 16),
+        in_channels=1,
+        out_channels=2,
+        time_embedding_type="learned",
+        num_train_timesteps=1000,
+        act_fn="gelu",
+        add_attention=False,
+        dropout=0.1,
     ),
     "class_embedding_timestep": dict(SMALL, sample_size=8, class_embed_type="timestep", act_fn="relu"),
     "class_embedding_table": dict(SMALL, sample_size=8, num_class_embeds=10),
@@ -158,14 +195,18 @@ def test_legacy_attention_key_names_load(tmp_path):
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     legacy = {}
     for k, v in sd.items():
-        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+        for new, old in (
+            (".to_q.", ".query."),
+            (".to_k.", ".key."),
+            (".to_v.", ".value."),
+            (".to_out.0.", ".proj_attn."),
+        ):
             k = k.replace(new, old)
         legacy[k] = v
     assert any(".proj_attn." in k for k in legacy)
     ours = unet_from_state_dict(config, legacy)
     x, t, _ = _inputs(config)
-    np.testing.assert_allclose(_ours(ours, x, t), _torch_out(torch_model, x, t, None),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_ours(ours, x, t), _torch_out(torch_model, x, t, None), atol=1e-4, rtol=0)
 
 
 def test_bin_weights_load(tmp_path):
@@ -175,8 +216,7 @@ def test_bin_weights_load(tmp_path):
     assert (tmp_path / "diffusion_pytorch_model.bin").exists()
     ours = load_unet(str(tmp_path))
     x, t, _ = _inputs(config)
-    np.testing.assert_allclose(_ours(ours, x, t), _torch_out(torch_model, x, t, None),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_ours(ours, x, t), _torch_out(torch_model, x, t, None), atol=1e-4, rtol=0)
 
 
 def test_pipeline_folder_loads_in_diffusers_without_warnings(tmp_path):
@@ -200,8 +240,7 @@ def test_pipeline_folder_loads_in_diffusers_without_warnings(tmp_path):
     assert not messages, messages
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"
     x, t, _ = _inputs(config)
-    np.testing.assert_allclose(_torch_out(pipe.unet.eval(), x, t, None), _ours(ours, x, t),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_torch_out(pipe.unet.eval(), x, t, None), _ours(ours, x, t), atol=1e-4, rtol=0)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -238,3 +277,29 @@ def test_bad_config_is_a_clear_error(override, message):
         nnx.eval_shape(lambda: FlaxUNet2DModel(**{**SMALL, **override}))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_load_unet_from_a_hub_repo_id(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    config = CONFIGS["no_mid_block_one_layer"]
+    torch_model = randomized_torch_unet(config, seed=13)
+    torch_model.save_pretrained(tmp_path / "snapshot" / "unet")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ours = load_unet("someone/ddpm-model")
+    assert calls[0][0] == "someone/ddpm-model" and "unet/*" in calls[0][1]
+    x, t, _ = _inputs(config)
+    np.testing.assert_allclose(_ours(ours, x, t), _torch_out(torch_model, x, t, None), atol=1e-4, rtol=0)
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="'someone/other' is not a local folder and could not be fetched"):
+        load_unet("someone/other")

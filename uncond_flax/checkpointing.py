@@ -17,23 +17,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — a scheduler should requeue the job
 # Keys that define the model and the TrainState's structure; everything else may change on resume.
-ARCHITECTURE_KEYS = ("model", "use_ema", "mixed_precision", "prediction_type", "ddpm_num_steps",
-                     "ddpm_beta_schedule")
+ARCHITECTURE_KEYS = ("model", "use_ema", "mixed_precision", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule")
 
 
 class Preempted(Exception):
     """Raised after a SIGTERM: the checkpoint at `step` is committed and the run should exit."""
 
     def __init__(self, step: int, directory: str):
-        super().__init__(f"preempted: checkpoint at step {step} saved in {directory}; "
-                         f"resume with --config.resume_from_checkpoint=latest")
+        super().__init__(
+            f"preempted: checkpoint at step {step} saved in {directory}; "
+            f"resume with --config.resume_from_checkpoint=latest"
+        )
         self.step = step
 
 
@@ -63,12 +63,15 @@ def resolve_resume(value: str | int | None, directory: str) -> tuple[str, int | 
         return os.path.dirname(os.path.abspath(os.path.normpath(text))), int(os.path.basename(os.path.normpath(text)))
     if os.path.isdir(text):
         return os.path.abspath(text), "latest"
-    raise ValueError(f"resume_from_checkpoint={value!r}: not 'latest', a step number, 'checkpoint-N', or an "
-                     f"existing checkpoint directory")
+    raise ValueError(
+        f"resume_from_checkpoint={value!r}: not 'latest', a step number, 'checkpoint-N', or an "
+        f"existing checkpoint directory"
+    )
 
 
 def incompatible_keys(saved: dict, current: dict) -> list[str]:
     """The architecture keys (dotted, e.g. `model.block_out_channels`) whose values differ."""
+
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(d, dict):
             return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
@@ -128,21 +131,28 @@ class Checkpointer:
         errors). Refuses, with FloatingPointError, to write non-finite weights."""
         if not all_finite((state.params, state.ema_params)):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the weights contain NaN or inf")
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-        ), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
 
     def read_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state placed as `abstract_state`'s shardings say, data position): any device count can restore."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-        ))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
         return restored.state, restored.data
 
     def reached_preemption(self, step: int) -> bool:
@@ -189,8 +199,3 @@ class PreemptionWatch:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
-
-
-def host_state(state: Any) -> Any:
-    """Numpy copies of a TrainState's arrays (for comparisons and exports)."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)

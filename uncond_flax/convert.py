@@ -1,7 +1,7 @@
 """Export any training checkpoint as a diffusers DDPMPipeline folder (EMA weights by default).
 
-    python -m uncond_flax.convert ddpm-ema-flowers-64/checkpoints/1500 --output flowers-step-1500
-    python -m uncond_flax.convert ddpm-ema-flowers-64/checkpoints --raw --output flowers-latest-raw
+python -m uncond_flax.convert ddpm-ema-flowers-64/checkpoints/1500 --output flowers-step-1500
+python -m uncond_flax.convert ddpm-ema-flowers-64/checkpoints --raw --output flowers-latest-raw
 """
 
 from __future__ import annotations

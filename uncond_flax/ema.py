@@ -66,14 +66,16 @@ def ema_decay(
     use_warmup: bool = True,
 ) -> jax.Array:
     """diffusers' ``EMAModel.get_decay(optimization_step)`` in float32 (step is 1-based: already incremented)."""
-    step = _warmup_step(optimization_step, update_after_step)
-    stepf = step.astype(jnp.float32)
-    if use_warmup:
-        decay = 1.0 - (1.0 + stepf / inv_gamma) ** (-float(power))
-    else:
-        decay = (1.0 + stepf) / (10.0 + stepf)
-    decay = jnp.maximum(jnp.minimum(decay, float(max_decay)), float(min_decay))
-    return jnp.where(step <= 0, 0.0, decay).astype(jnp.float32)
+    one_minus = ema_one_minus_decay(
+        optimization_step,
+        inv_gamma=inv_gamma,
+        power=power,
+        max_decay=max_decay,
+        min_decay=min_decay,
+        update_after_step=update_after_step,
+        use_warmup=use_warmup,
+    )
+    return (1.0 - one_minus).astype(jnp.float32)
 
 
 def _update(ema_params: Any, params: Any, one_minus_decay: jax.Array) -> Any:
@@ -102,7 +104,8 @@ def ema_step_update(
     use_warmup: bool = True,
 ) -> tuple[Any, jax.Array]:
     """``EMAModel.step`` for an already-incremented ``optimization_step``: returns ``(new_ema_params, decay)``."""
-    kw = dict(
+    one_minus = ema_one_minus_decay(
+        optimization_step,
         inv_gamma=inv_gamma,
         power=power,
         max_decay=max_decay,
@@ -110,8 +113,7 @@ def ema_step_update(
         update_after_step=update_after_step,
         use_warmup=use_warmup,
     )
-    one_minus = ema_one_minus_decay(optimization_step, **kw)
-    return _update(ema_params, params, one_minus), ema_decay(optimization_step, **kw)
+    return _update(ema_params, params, one_minus), (1.0 - one_minus).astype(jnp.float32)
 
 
 def init_ema_params(params: Any) -> Any:

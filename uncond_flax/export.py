@@ -102,8 +102,9 @@ def _abstract_model(config: Mapping[str, Any], dtype, param_dtype) -> FlaxUNet2D
     return nnx.eval_shape(lambda: FlaxUNet2DModel(**config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
-def unet_from_state_dict(config: Mapping[str, Any], state_dict: Mapping[str, Any], *, dtype=jnp.float32,
-                         param_dtype=jnp.float32) -> FlaxUNet2DModel:
+def unet_from_state_dict(
+    config: Mapping[str, Any], state_dict: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> FlaxUNet2DModel:
     """Build a FlaxUNet2DModel from a diffusers config dict and state dict."""
     model = _abstract_model(config, dtype, param_dtype)
     nnx.update(model, from_state_dict(model, state_dict))
@@ -120,7 +121,9 @@ def _resolve_unet_dir(path_or_repo_id: str, subfolder: str | None) -> str:
     else:
         folder = path_or_repo_id
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"no UNet config.json in {folder} (expected a pipeline folder with unet/ or a unet folder)")
+        raise FileNotFoundError(
+            f"no UNet config.json in {folder} (expected a pipeline folder with unet/ or a unet folder)"
+        )
     return folder
 
 
@@ -132,7 +135,9 @@ def _download(repo_id: str, subfolder: str | None) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback forest
-        raise FileNotFoundError(f"{repo_id!r} is not a local folder and could not be fetched from the Hub: {e}") from None
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local folder and could not be fetched from the Hub: {e}"
+        ) from None
 
 
 def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
@@ -179,8 +184,14 @@ def load_unet_config(path_or_repo_id: str, subfolder: str | None = None) -> dict
     return _read_unet_config(_resolve_unet_dir(str(path_or_repo_id), subfolder))
 
 
-def load_unet(path_or_repo_id: str, subfolder: str | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
-              variant: str | None = None) -> FlaxUNet2DModel:
+def load_unet(
+    path_or_repo_id: str,
+    subfolder: str | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    variant: str | None = None,
+) -> FlaxUNet2DModel:
     """A FlaxUNet2DModel with weights from a diffusers pipeline folder, a unet folder, or a Hub repo id."""
     folder = _resolve_unet_dir(str(path_or_repo_id), subfolder)
     config = _read_unet_config(folder)
@@ -198,14 +209,17 @@ def save_unet(out_dir: str, model: FlaxUNet2DModel, state: nnx.State | None = No
     from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "config.json"),
-                {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config})
+    _write_json(
+        os.path.join(out_dir, "config.json"),
+        {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config},
+    )
     tensors = to_state_dict(model if state is None else state)
     save_file(tensors, os.path.join(out_dir, f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
 
 
-def save_pipeline(out_dir: str, model: FlaxUNet2DModel, scheduler: Any = None, *,
-                  state: nnx.State | None = None) -> None:
+def save_pipeline(
+    out_dir: str, model: FlaxUNet2DModel, scheduler: Any = None, *, state: nnx.State | None = None
+) -> None:
     """Write a diffusers `DDPMPipeline` folder (model_index.json, unet/, scheduler/) loadable without us.
 
     `state` overrides the model's own weights (e.g. EMA params); `scheduler` defaults to DDPM's defaults.
@@ -216,12 +230,15 @@ def save_pipeline(out_dir: str, model: FlaxUNet2DModel, scheduler: Any = None, *
     if model.config["sample_size"] is None:
         logger.warning("unet sample_size is None: DDPMPipeline needs it to pick the image size")
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "model_index.json"), {
-        "_class_name": "DDPMPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", scheduler_config["_class_name"]],
-        "unet": ["diffusers", "UNet2DModel"],
-    })
+    _write_json(
+        os.path.join(out_dir, "model_index.json"),
+        {
+            "_class_name": "DDPMPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", scheduler_config["_class_name"]],
+            "unet": ["diffusers", "UNet2DModel"],
+        },
+    )
     save_unet(os.path.join(out_dir, "unet"), model, state)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler_config)

@@ -39,11 +39,18 @@ def repo_id_for(config: Any) -> str:
 
 def write_model_card(output_dir: str, config: Any, *, steps: int, global_batch: int) -> None:
     with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(MODEL_CARD.format(
-            name=Path(config.output_dir).name, repo_id=repo_id_for(config),
-            dataset=config.dataset_name or config.train_data_dir, resolution=config.resolution, steps=steps,
-            global_batch=global_batch, use_ema=config.use_ema, mixed_precision=config.mixed_precision,
-        ))
+        f.write(
+            MODEL_CARD.format(
+                name=Path(config.output_dir).name,
+                repo_id=repo_id_for(config),
+                dataset=config.dataset_name or config.train_data_dir,
+                resolution=config.resolution,
+                steps=steps,
+                global_batch=global_batch,
+                use_ema=config.use_ema,
+                mixed_precision=config.mixed_precision,
+            )
+        )
 
 
 def push_to_hub(output_dir: str, config: Any, commit_message: str) -> str:
@@ -52,6 +59,10 @@ def push_to_hub(output_dir: str, config: Any, commit_message: str) -> str:
 
     api = HfApi(token=config.hub_token)
     repo_id = api.create_repo(repo_id_for(config), private=config.hub_private_repo, exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message,
-                      ignore_patterns=["step_*", "epoch_*", "checkpoints/*", "samples/*"])
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message=commit_message,
+        ignore_patterns=["step_*", "epoch_*", "checkpoints/*", "samples/*"],
+    )
     return repo_id

@@ -24,7 +24,7 @@ def make_grid(images_BHWC: np.ndarray, cols: int | None = None, pad: int = 2) ->
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = img
+        grid[top : top + h, left : left + w] = img
     return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 

@@ -16,8 +16,12 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def initialize_distributed(enabled: bool, coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+    enabled: bool,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """Join a multi-process run with `jax.distributed` (before any other JAX call).
 
     With `enabled` and no explicit values JAX auto-detects the cluster (TPU pods, SLURM, Open MPI) or reads
@@ -27,10 +31,16 @@ def initialize_distributed(enabled: bool, coordinator_address: str | None = None
         return
     if jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    logger.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                jax.local_device_count(), jax.device_count())
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    logger.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
@@ -70,8 +80,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**12) -> P:
 def state_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree of arrays/ShapeDtypeStructs: FSDP over `mesh`'s fsdp axis, else replicated."""
     fsdp = mesh.shape[FSDP_AXIS]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(getattr(x, "shape", ())), fsdp)),
-                        abstract_tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(getattr(x, "shape", ())), fsdp)), abstract_tree)
 
 
 def is_main_process() -> bool:
@@ -80,6 +89,7 @@ def is_main_process() -> bool:
 
 def to_host(tree: Any) -> Any:
     """Global arrays -> numpy on every process (a collective: all processes must call it together)."""
+
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils

@@ -1,7 +1,7 @@
 """Sample a PNG grid from a diffusers DDPMPipeline folder (or Hub id) with the jitted Flax sampler.
 
-    python -m uncond_flax.sample --pipeline ddpm-ema-flowers-64 --num_images 16 --output samples.png
-    python -m uncond_flax.sample --demo demo-output   # offline: export a tiny random pipeline, load it, sample
+python -m uncond_flax.sample --pipeline ddpm-ema-flowers-64 --num_images 16 --output samples.png
+python -m uncond_flax.sample --demo demo-output   # offline: export a tiny random pipeline, load it, sample
 """
 
 from __future__ import annotations
@@ -36,8 +36,13 @@ def write_demo_pipeline(out_dir: str, seed: int = 0) -> str:
     from uncond_flax.models import FlaxUNet2DModel
 
     model = FlaxUNet2DModel(
-        sample_size=32, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, layers_per_block=1, rngs=nnx.Rngs(seed),
+        sample_size=32,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        layers_per_block=1,
+        rngs=nnx.Rngs(seed),
     )
     save_pipeline(out_dir, model)
     return out_dir
@@ -68,13 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = _scheduler(pipeline, args.scheduler) if os.path.isdir(pipeline) else _scheduler("", args.scheduler)
     steps = args.num_inference_steps or (50 if type(scheduler).__name__ == "FlaxDDIMScheduler" else 1000)
     start = time.perf_counter()
-    images = sample_images(model, scheduler, batch_size=args.num_images, num_inference_steps=steps,
-                           key=jax.random.key(args.seed), eta=args.eta)
+    images = sample_images(
+        model,
+        scheduler,
+        batch_size=args.num_images,
+        num_inference_steps=steps,
+        key=jax.random.key(args.seed),
+        eta=args.eta,
+    )
     seconds = time.perf_counter() - start
     output = args.output or os.path.join(pipeline if os.path.isdir(pipeline) else ".", "samples.png")
     save_grid(images, output)
-    print(f"{args.num_images} images, {steps} {type(scheduler).__name__} steps on {jax.device_count()} "
-          f"{jax.default_backend()} device(s) in {seconds:.1f}s -> {output}")
+    print(
+        f"{args.num_images} images, {steps} {type(scheduler).__name__} steps on {jax.device_count()} "
+        f"{jax.default_backend()} device(s) in {seconds:.1f}s -> {output}"
+    )
     return 0
 
 

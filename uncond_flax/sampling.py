@@ -34,6 +34,7 @@ def reverse_process(
 
     `step_noise_fn(i)` gives the noise for step i; the scheduler uses it only where it adds noise.
     """
+
     def body(x_BHWC, inputs):
         i, t = inputs
         model_output = model(x_BHWC, t).astype(jnp.float32)
@@ -86,10 +87,14 @@ def sample_images(
         noise_BHWC = np.asarray(noise_BHWC, np.float32)
         step_noise_TBHWC = np.asarray(step_noise_TBHWC, np.float32)
         if noise_BHWC.shape != shape_BHWC or step_noise_TBHWC.shape != (steps, *shape_BHWC):
-            raise ValueError(f"noise shapes {noise_BHWC.shape} / {step_noise_TBHWC.shape} do not match "
-                             f"{shape_BHWC} / {(steps, *shape_BHWC)}")
-        noise = (np.pad(noise_BHWC, [(0, padded - batch_size)] + [(0, 0)] * 3),
-                 np.pad(step_noise_TBHWC, [(0, 0), (0, padded - batch_size)] + [(0, 0)] * 3))
+            raise ValueError(
+                f"noise shapes {noise_BHWC.shape} / {step_noise_TBHWC.shape} do not match "
+                f"{shape_BHWC} / {(steps, *shape_BHWC)}"
+            )
+        noise = (
+            np.pad(noise_BHWC, [(0, padded - batch_size)] + [(0, 0)] * 3),
+            np.pad(step_noise_TBHWC, [(0, 0), (0, padded - batch_size)] + [(0, 0)] * 3),
+        )
     else:
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         noise = np.asarray(jax.random.key_data(key) if typed else key)

@@ -21,8 +21,9 @@ def normalize_images(images_uint8: jax.Array) -> jax.Array:
     return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
 
 
-def diffusion_loss(model_output: jax.Array, x0: jax.Array, noise: jax.Array, t_B: jax.Array, scheduler: Any,
-                   prediction_type: str) -> jax.Array:
+def diffusion_loss(
+    model_output: jax.Array, x0: jax.Array, noise: jax.Array, t_B: jax.Array, scheduler: Any, prediction_type: str
+) -> jax.Array:
     """diffusers' train_unconditional loss, in float32: MSE to the noise / SNR-weighted MSE to x0 / MSE to v."""
     model_output = model_output.astype(jnp.float32)
     if prediction_type == "epsilon":
@@ -81,16 +82,24 @@ def make_train_step(
         # slower, and A is small. Compile time grows with A.
         grads, loss_sum = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
         for i in range(accum):
-            micro_grads, micro = grad_fn(state.params, state.buffers, x0_ABHWC[i], noise_ABHWC[i], t_AB[i],
-                                         jax.random.fold_in(k_drop, i), state.loss_scale)
+            micro_grads, micro = grad_fn(
+                state.params,
+                state.buffers,
+                x0_ABHWC[i],
+                noise_ABHWC[i],
+                t_AB[i],
+                jax.random.fold_in(k_drop, i),
+                state.loss_scale,
+            )
             grads, loss_sum = jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro
         loss = loss_sum / accum
         grads = state.loss_scale.unscale(jax.tree.map(lambda g: g / accum, grads))
         finite = jnp.isfinite(loss) & all_finite(grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params, opt_state = select_tree(finite, (optax.apply_updates(state.params, updates), opt_state),
-                                        (state.params, state.opt_state))
+        params, opt_state = select_tree(
+            finite, (optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state)
+        )
         ema_params, ema_step, decay = state.ema_params, state.ema_step, jnp.zeros((), jnp.float32)
         if ema_params is not None:
             ema_step = state.ema_step + 1

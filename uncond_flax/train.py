@@ -16,16 +16,31 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from uncond_flax import hub
-from uncond_flax.checkpointing import (Checkpointer, Preempted, PreemptionWatch, abstract_like, checkpoint_dir,
-                                       incompatible_keys, resolve_resume)
+from uncond_flax.checkpointing import (
+    Checkpointer,
+    Preempted,
+    PreemptionWatch,
+    abstract_like,
+    checkpoint_dir,
+    incompatible_keys,
+    resolve_resume,
+)
 from uncond_flax.data import build_train_loader
 from uncond_flax.export import load_unet, load_unet_config, save_pipeline
 from uncond_flax.images import save_grid
 from uncond_flax.metrics import MetricWriter, check_logger
 from uncond_flax.models import FlaxUNet2DModel, resolve_unet_config
 from uncond_flax.optim import lr_schedule, make_loss_scale, make_optimizer
-from uncond_flax.parallel import (batch_sharding, initialize_distributed, is_main_process, make_mesh,
-                                  num_batch_shards, replicated, state_shardings, to_host)
+from uncond_flax.parallel import (
+    batch_sharding,
+    initialize_distributed,
+    is_main_process,
+    make_mesh,
+    num_batch_shards,
+    replicated,
+    state_shardings,
+    to_host,
+)
 from uncond_flax.sampling import sample_images
 from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
 from uncond_flax.step import PREDICTION_TYPES, make_train_step
@@ -58,8 +73,16 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     _check_choice(config, "sample_scheduler", SAMPLE_SCHEDULERS)
     check_logger(config.logger)
     lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, 1)
-    for key in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_epochs",
-                "save_images_epochs", "save_model_epochs", "ddpm_num_steps", "ddpm_num_inference_steps"):
+    for key in (
+        "train_batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_epochs",
+        "save_images_epochs",
+        "save_model_epochs",
+        "ddpm_num_steps",
+        "ddpm_num_inference_steps",
+    ):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key}={config[key]!r} must be a positive integer")
     if config.max_train_steps is not None and config.max_train_steps < 1:
@@ -81,8 +104,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def noise_scheduler_for(config: Any) -> FlaxDDPMScheduler:
     """The training noise schedule, as diffusers' trainer builds its DDPMScheduler."""
-    return FlaxDDPMScheduler.create(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule,
-                                    prediction_type=config.prediction_type)
+    return FlaxDDPMScheduler.create(
+        num_train_timesteps=config.ddpm_num_steps,
+        beta_schedule=config.ddpm_beta_schedule,
+        prediction_type=config.prediction_type,
+    )
 
 
 def preview_scheduler_for(config: Any, noise_scheduler: FlaxDDPMScheduler):
@@ -196,12 +222,15 @@ def _resume_step(config: Any, source: Checkpointer | None) -> int | None:
             logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", source.directory)
             return None
     elif step not in source.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} in {source.directory} "
-                                f"(found {source.all_steps() or 'none'})")
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {source.directory} (found {source.all_steps() or 'none'})"
+        )
     diffs = incompatible_keys(source.read_config(step), config.to_dict())
     if diffs:
-        raise ValueError(f"checkpoint {step} in {source.directory} was trained with a different model or "
-                         f"training setup: {', '.join(diffs)} differ")
+        raise ValueError(
+            f"checkpoint {step} in {source.directory} was trained with a different model or "
+            f"training setup: {', '.join(diffs)} differ"
+        )
     return step
 
 
@@ -247,17 +276,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             logger.info("resumed from checkpoint %d in %s", resume_step, source.directory)
         step_fn = make_train_step(train_graphdef, tx=tx, lr_fn=lr_fn, noise_scheduler=noise_scheduler, config=config)
         images_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
-        train_step = jax.jit(step_fn, in_shardings=(shardings, images_sharding),
-                             out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+        train_step = jax.jit(
+            step_fn,
+            in_shardings=(shardings, images_sharding),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=0,
+        )
 
         if main:
             os.makedirs(config.output_dir, exist_ok=True)
-            logger.info("%d examples, %d steps/epoch, %d epochs, %d optimizer steps, global batch %d x %d accum, "
-                        "%d devices", loader.num_examples, steps_per_epoch, num_epochs, total_steps,
-                        images_per_step // config.gradient_accumulation_steps, config.gradient_accumulation_steps,
-                        num_batch_shards(mesh))
-        writer = MetricWriter(config.logger, os.path.join(config.output_dir, config.logging_dir),
-                              config.to_dict(), enabled=main)
+            logger.info(
+                "%d examples, %d steps/epoch, %d epochs, %d optimizer steps, global batch %d x %d accum, %d devices",
+                loader.num_examples,
+                steps_per_epoch,
+                num_epochs,
+                total_steps,
+                images_per_step // config.gradient_accumulation_steps,
+                config.gradient_accumulation_steps,
+                num_batch_shards(mesh),
+            )
+        writer = MetricWriter(
+            config.logger, os.path.join(config.output_dir, config.logging_dir), config.to_dict(), enabled=main
+        )
         log = _StepLog(writer, images_per_step, config)
 
         def save_checkpoint(at_step: int) -> None:
@@ -289,9 +329,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             last = epoch == num_epochs - 1
             if epoch % config.save_images_epochs == 0 or last:
                 steps = config.sample_num_inference_steps or config.ddpm_num_inference_steps
-                images = sample_images(inference_model(eval_graphdef, state), preview_scheduler,
-                                       batch_size=config.eval_batch_size, num_inference_steps=steps,
-                                       key=jax.random.key(config.seed), mesh=mesh)
+                images = sample_images(
+                    inference_model(eval_graphdef, state),
+                    preview_scheduler,
+                    batch_size=config.eval_batch_size,
+                    num_inference_steps=steps,
+                    key=jax.random.key(config.seed),
+                    mesh=mesh,
+                )
                 if main:
                     save_grid(images, os.path.join(config.output_dir, "samples", f"epoch_{epoch:04d}.png"))
                     writer.images(step, "test_samples", images)

@@ -31,8 +31,9 @@ class TrainState:
     consecutive_skips: jax.Array
 
     @classmethod
-    def create(cls, params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation, *, use_ema: bool,
-               loss_scale: Any) -> "TrainState":
+    def create(
+        cls, params: nnx.State, buffers: nnx.State, tx: optax.GradientTransformation, *, use_ema: bool, loss_scale: Any
+    ) -> "TrainState":
         zero = jnp.zeros((), jnp.int32)
         return cls(
             step=zero,

@@ -26,9 +26,7 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if heads < 1:
-            raise ValueError(
-                f"attention_head_dim={dim_head} is larger than the {query_dim} channels it attends over"
-            )
+            raise ValueError(f"attention_head_dim={dim_head} is larger than the {query_dim} channels it attends over")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner_dim = heads * dim_head
         self.heads = heads

@@ -60,7 +60,7 @@ _CHOICES = {
 
 def _strip_unetres(block_type: str) -> str:
     # diffusers accepts the legacy "UNetRes" prefix for the same blocks.
-    return block_type[len("UNetRes"):] if block_type.startswith("UNetRes") else block_type
+    return block_type[len("UNetRes") :] if block_type.startswith("UNetRes") else block_type
 
 
 def resolve_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,7 +98,9 @@ def resolve_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("norm_num_groups=None is not supported (diffusers' resnets need a group count)")
     for ch in cfg["block_out_channels"]:
         if ch % cfg["norm_num_groups"]:
-            raise ValueError(f"norm_num_groups={cfg['norm_num_groups']} must divide every block_out_channels entry, not {ch}")
+            raise ValueError(
+                f"norm_num_groups={cfg['norm_num_groups']} must divide every block_out_channels entry, not {ch}"
+            )
     if cfg["time_embedding_type"] == "learned" and not cfg["num_train_timesteps"]:
         raise ValueError("time_embedding_type='learned' needs num_train_timesteps")
     if cfg["class_embed_type"] == "timestep" and cfg["num_class_embeds"] is not None:
@@ -150,14 +152,16 @@ class FlaxUNet2DModel(nnx.Module):
             self.time_proj = Timesteps(channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
             timestep_input_dim = channels[0]
         else:
-            self.time_proj = nnx.Embed(cfg["num_train_timesteps"], channels[0],
-                                       embedding_init=nnx.initializers.normal(1.0), **kw)
+            self.time_proj = nnx.Embed(
+                cfg["num_train_timesteps"], channels[0], embedding_init=nnx.initializers.normal(1.0), **kw
+            )
             timestep_input_dim = channels[0]
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, **kw)
 
         if cfg["class_embed_type"] is None and cfg["num_class_embeds"] is not None:
-            self.class_embedding = nnx.Embed(cfg["num_class_embeds"], time_embed_dim,
-                                             embedding_init=nnx.initializers.normal(1.0), **kw)
+            self.class_embedding = nnx.Embed(
+                cfg["num_class_embeds"], time_embed_dim, embedding_init=nnx.initializers.normal(1.0), **kw
+            )
         elif cfg["class_embed_type"] == "timestep":
             self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, **kw)
         else:
@@ -177,10 +181,17 @@ class FlaxUNet2DModel(nnx.Module):
             in_ch, out_ch = out_ch, channels[i]
             block_cls = DOWN_BLOCKS[_strip_unetres(block_type)]
             down_blocks.append(
-                block_cls(in_ch, out_ch, time_embed_dim, num_layers=cfg["layers_per_block"],
-                          add_downsample=i < len(channels) - 1, downsample_padding=cfg["downsample_padding"],
-                          downsample_type=cfg["downsample_type"],
-                          attention_head_dim=head_dim if head_dim is not None else out_ch, **block_cfg)
+                block_cls(
+                    in_ch,
+                    out_ch,
+                    time_embed_dim,
+                    num_layers=cfg["layers_per_block"],
+                    add_downsample=i < len(channels) - 1,
+                    downsample_padding=cfg["downsample_padding"],
+                    downsample_type=cfg["downsample_type"],
+                    attention_head_dim=head_dim if head_dim is not None else out_ch,
+                    **block_cfg,
+                )
             )
         self.down_blocks = nnx.List(down_blocks)
 
@@ -188,9 +199,13 @@ class FlaxUNet2DModel(nnx.Module):
             self.mid_block = None
         else:
             self.mid_block = UNetMidBlock2D(
-                channels[-1], time_embed_dim, output_scale_factor=cfg["mid_block_scale_factor"],
-                add_attention=cfg["add_attention"], attn_groups=cfg["attn_norm_num_groups"],
-                attention_head_dim=head_dim if head_dim is not None else channels[-1], **block_cfg,
+                channels[-1],
+                time_embed_dim,
+                output_scale_factor=cfg["mid_block_scale_factor"],
+                add_attention=cfg["add_attention"],
+                attn_groups=cfg["attn_norm_num_groups"],
+                attention_head_dim=head_dim if head_dim is not None else channels[-1],
+                **block_cfg,
             )
 
         up_blocks = []
@@ -201,10 +216,17 @@ class FlaxUNet2DModel(nnx.Module):
             in_ch = reversed_channels[min(i + 1, len(channels) - 1)]
             block_cls = UP_BLOCKS[_strip_unetres(block_type)]
             up_blocks.append(
-                block_cls(in_ch, prev_out, out_ch, time_embed_dim, num_layers=cfg["layers_per_block"] + 1,
-                          add_upsample=i < len(channels) - 1,
-                          upsample_type=cfg["upsample_type"],
-                          attention_head_dim=head_dim if head_dim is not None else out_ch, **block_cfg)
+                block_cls(
+                    in_ch,
+                    prev_out,
+                    out_ch,
+                    time_embed_dim,
+                    num_layers=cfg["layers_per_block"] + 1,
+                    add_upsample=i < len(channels) - 1,
+                    upsample_type=cfg["upsample_type"],
+                    attention_head_dim=head_dim if head_dim is not None else out_ch,
+                    **block_cfg,
+                )
             )
         self.up_blocks = nnx.List(up_blocks)
 

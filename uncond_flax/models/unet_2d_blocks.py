@@ -47,10 +47,23 @@ class DownBlock2D(nnx.Module):
 
     has_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, num_layers: int,
-                 add_downsample: bool, downsample_padding: int, downsample_type: str = "conv", **cfg):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        add_downsample: bool,
+        downsample_padding: int,
+        downsample_type: str = "conv",
+        **cfg,
+    ):
         self.resnets = nnx.List(
-            [_resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg) for i in range(num_layers)]
+            [
+                _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg)
+                for i in range(num_layers)
+            ]
         )
         self.attentions = (
             nnx.List([_attention(out_channels, cfg, cfg["resnet_groups"]) for _ in range(num_layers)])
@@ -63,8 +76,9 @@ class DownBlock2D(nnx.Module):
             downsample_type = "conv"
         self.downsample_type = downsample_type
         if downsample_type == "conv":
-            down = Downsample2D(out_channels, downsample_padding, dtype=cfg["dtype"], param_dtype=cfg["param_dtype"],
-                                rngs=cfg["rngs"])
+            down = Downsample2D(
+                out_channels, downsample_padding, dtype=cfg["dtype"], param_dtype=cfg["param_dtype"], rngs=cfg["rngs"]
+            )
         elif downsample_type == "resnet":
             down = _resnet(out_channels, out_channels, temb_channels, cfg, down=True)
         self.downsamplers = nnx.List([down]) if downsample_type else None
@@ -97,8 +111,18 @@ class UpBlock2D(nnx.Module):
 
     has_attention = False
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int, *,
-                 num_layers: int, add_upsample: bool, upsample_type: str = "conv", **cfg):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        num_layers: int,
+        add_upsample: bool,
+        upsample_type: str = "conv",
+        **cfg,
+    ):
         resnets = []
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
@@ -143,13 +167,23 @@ class AttnUpBlock2D(UpBlock2D):
 class UNetMidBlock2D(nnx.Module):
     """resnet, then (attention, resnet); resnets and attention share `output_scale_factor`."""
 
-    def __init__(self, in_channels: int, temb_channels: int, *, output_scale_factor: float, add_attention: bool,
-                 attn_groups: int | None, **cfg):
+    def __init__(
+        self,
+        in_channels: int,
+        temb_channels: int,
+        *,
+        output_scale_factor: float,
+        add_attention: bool,
+        attn_groups: int | None,
+        **cfg,
+    ):
         if attn_groups is None and cfg["resnet_time_scale_shift"] == "default":
             attn_groups = cfg["resnet_groups"]
         self.resnets = nnx.List(
-            [_resnet(in_channels, in_channels, temb_channels, cfg, output_scale_factor=output_scale_factor)
-             for _ in range(2)]
+            [
+                _resnet(in_channels, in_channels, temb_channels, cfg, output_scale_factor=output_scale_factor)
+                for _ in range(2)
+            ]
         )
         self.attentions = (
             nnx.List([_attention(in_channels, cfg, attn_groups, rescale_output_factor=output_scale_factor)])

@@ -75,8 +75,7 @@ def check_table_options(
     check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS, owner)
     if trained_betas is not None and len(trained_betas) != num_train_timesteps:
         raise ValueError(
-            f"{owner}: trained_betas has {len(trained_betas)} values but "
-            f"num_train_timesteps={num_train_timesteps}."
+            f"{owner}: trained_betas has {len(trained_betas)} values but num_train_timesteps={num_train_timesteps}."
         )
 
 
@@ -209,9 +208,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (_F32(1) - alphas).astype(_F32)
 
 
-def make_alpha_tables(
-    betas: np.ndarray, rescale_betas_zero_snr: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_alpha_tables(betas: np.ndarray, rescale_betas_zero_snr: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(betas, alphas, alphas_cumprod) in float32, optionally rescaled to zero terminal SNR."""
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
@@ -224,9 +221,7 @@ def make_alpha_tables(
 # --------------------------------------------------------------------------------------------
 
 
-def spaced_timesteps(
-    num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int
-) -> np.ndarray:
+def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
     """Descending inference timesteps for a spacing (Table 2 of arXiv:2305.08891), as diffusers does."""
     if not 0 < num_inference_steps <= num_train_timesteps:
         raise ValueError(
@@ -277,9 +272,7 @@ def _per_batch(values: jax.Array, ndim: int) -> jax.Array:
     return values.reshape(values.shape + (1,) * (ndim - 1))
 
 
-def _signal_and_noise_scales(
-    alphas_cumprod: jax.Array, timesteps: jax.Array, ndim: int
-) -> tuple[jax.Array, jax.Array]:
+def _signal_and_noise_scales(alphas_cumprod: jax.Array, timesteps: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
     alpha_bar = alphas_cumprod[jnp.asarray(timesteps, jnp.int32)]
     return _per_batch(jnp.sqrt(alpha_bar), ndim), _per_batch(jnp.sqrt(1 - alpha_bar), ndim)
 
@@ -294,9 +287,7 @@ def add_noise(
     return noisy.astype(x0.dtype)
 
 
-def get_velocity(
-    alphas_cumprod: jax.Array, sample: jax.Array, noise: jax.Array, timesteps: jax.Array
-) -> jax.Array:
+def get_velocity(alphas_cumprod: jax.Array, sample: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
     """v-prediction target: sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x_0, per batch element."""
     x0 = jnp.asarray(sample)
     signal, sigma = _signal_and_noise_scales(alphas_cumprod, timesteps, x0.ndim)
@@ -309,9 +300,7 @@ def get_velocity(
 # --------------------------------------------------------------------------------------------
 
 
-def alpha_bar_at(
-    alphas_cumprod: jax.Array, timestep: jax.Array, before_start: jax.Array | float
-) -> jax.Array:
+def alpha_bar_at(alphas_cumprod: jax.Array, timestep: jax.Array, before_start: jax.Array | float) -> jax.Array:
     """alphas_cumprod[timestep], or `before_start` when timestep < 0; branch-free, so t may be traced."""
     safe = jnp.maximum(timestep, 0)
     return jnp.where(timestep >= 0, alphas_cumprod[safe], jnp.asarray(before_start, jnp.float32))
@@ -384,9 +373,7 @@ def resolve_noise(
     if variance_noise is not None:
         noise = jnp.asarray(variance_noise, jnp.float32)
         if noise.shape != tuple(shape):
-            raise ValueError(
-                f"{owner}.step: variance_noise has shape {noise.shape}, expected {tuple(shape)}."
-            )
+            raise ValueError(f"{owner}.step: variance_noise has shape {noise.shape}, expected {tuple(shape)}.")
         return noise
     if key is not None:
         return jax.random.normal(key, shape, jnp.float32)

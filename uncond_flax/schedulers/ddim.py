@@ -150,9 +150,7 @@ class FlaxDDIMScheduler:
         values = common.spaced_timesteps(
             self.num_train_timesteps, int(num_inference_steps), self.timestep_spacing, self.steps_offset
         )
-        return self.replace(
-            timesteps=jnp.asarray(values, jnp.int32), num_inference_steps=int(num_inference_steps)
-        )
+        return self.replace(timesteps=jnp.asarray(values, jnp.int32), num_inference_steps=int(num_inference_steps))
 
     def previous_timestep(self, timestep: jax.Array | int) -> jax.Array:
         """diffusers' DDIM rule: t - num_train_timesteps // num_inference_steps (for every spacing)."""
@@ -194,12 +192,8 @@ class FlaxDDIMScheduler:
         )
         beta_prod_t = 1 - alpha_prod_t
 
-        pred_x0 = common.predict_original_sample(
-            self.prediction_type, model_output, x_t, alpha_prod_t, beta_prod_t
-        )
-        pred_epsilon = _predict_epsilon(
-            self.prediction_type, model_output, x_t, pred_x0, alpha_prod_t, beta_prod_t
-        )
+        pred_x0 = common.predict_original_sample(self.prediction_type, model_output, x_t, alpha_prod_t, beta_prod_t)
+        pred_epsilon = _predict_epsilon(self.prediction_type, model_output, x_t, pred_x0, alpha_prod_t, beta_prod_t)
         pred_x0 = common.clip_or_threshold(
             pred_x0,
             thresholding=self.thresholding,

@@ -214,9 +214,7 @@ class FlaxDDPMScheduler:
         """One ancestral step x_t -> x_{t-1}; noise is `variance_noise` if given, else drawn from `key`."""
         out_dtype = jnp.asarray(sample).dtype
         x_t = jnp.asarray(sample, jnp.float32)
-        eps_or_x0, predicted_variance = self._split_learned_variance(
-            jnp.asarray(model_output, jnp.float32), x_t
-        )
+        eps_or_x0, predicted_variance = self._split_learned_variance(jnp.asarray(model_output, jnp.float32), x_t)
 
         t = jnp.asarray(timestep, jnp.int32)
         alpha_prod_t = self.alphas_cumprod[t]
@@ -226,9 +224,7 @@ class FlaxDDPMScheduler:
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
 
-        pred_x0 = common.predict_original_sample(
-            self.prediction_type, eps_or_x0, x_t, alpha_prod_t, beta_prod_t
-        )
+        pred_x0 = common.predict_original_sample(self.prediction_type, eps_or_x0, x_t, alpha_prod_t, beta_prod_t)
         pred_x0 = common.clip_or_threshold(
             pred_x0,
             thresholding=self.thresholding,
@@ -256,9 +252,7 @@ class FlaxDDPMScheduler:
             prev_sample=prev_sample.astype(out_dtype), pred_original_sample=pred_x0.astype(out_dtype)
         )
 
-    def _split_learned_variance(
-        self, model_output: jax.Array, sample: jax.Array
-    ) -> tuple[jax.Array, jax.Array | None]:
+    def _split_learned_variance(self, model_output: jax.Array, sample: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Learned-variance models emit 2C channels, [prediction, variance], on the last (NHWC) axis."""
         if self.variance_type not in LEARNED_VARIANCE_TYPES:
             return model_output, None
