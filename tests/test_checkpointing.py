@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from uncond_flax import train as train_module
-from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE, resolve_resume
+from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE, Checkpointer, resolve_resume
 from uncond_flax.parallel import make_mesh
 from uncond_flax.train import ConfigError, train_and_evaluate
 
@@ -237,3 +237,15 @@ def test_resume_from_checkpoint_values(tmp_path):
     assert resolve_resume(root, "/elsewhere") == (root, "latest")
     with pytest.raises(ValueError, match="resume_from_checkpoint='nope'"):
         resolve_resume("nope", root)
+
+
+def test_close_waits_for_the_cleanup_of_a_killed_save(tmp_path):
+    # orbax removes stale temporary dirs in a background thread started with the manager; a run that stops
+    # at once (a config error) must not exit under that thread.
+    stale = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234"
+    stale.mkdir(parents=True)
+    (stale / "partial").write_text("x")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("kept")
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
+    checkpointer.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["notes.txt"]

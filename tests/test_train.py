@@ -281,3 +281,27 @@ def test_command_line_errors_are_one_line(args, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train_flax.py: error:") and message in last, result.stderr
+
+
+def test_init_from_and_model_config_name_or_path_use_a_diffusers_unet(tmp_path):
+    from diffusers import UNet2DModel
+    from flax import nnx
+
+    from uncond_flax.export import load_unet
+
+    unet_config = {k: v for k, v in resolve_config(tiny_config(tmp_path)).model.to_dict().items()}
+    unet_config["block_out_channels"] = [8]  # differs from the config file's model: the folder must win
+    unet_config["norm_num_groups"] = 4
+    unet_config["attention_head_dim"] = 8
+    torch_unet = UNet2DModel(**unet_config)
+    torch_unet.save_pretrained(tmp_path / "pretrained" / "unet")
+
+    config = resolve_config(tiny_config(tmp_path, init_from=str(tmp_path / "pretrained")))
+    assert list(config.model.block_out_channels) == [8]
+    _, _, state, _ = create_train_state(config, make_mesh(), make_optimizer(config, 10))
+    expected = nnx.state(load_unet(str(tmp_path / "pretrained")), nnx.Param)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    only_config = resolve_config(tiny_config(tmp_path, model_config_name_or_path=str(tmp_path / "pretrained")))
+    assert list(only_config.model.block_out_channels) == [8] and only_config.model.norm_num_groups == 4

@@ -164,6 +164,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        # orbax 0.12 starts removing stale tmp dirs in a thread when the manager is created, and close() does
+        # not wait for it: a process that exits right after (a config error) dies with that thread's traceback.
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
 
 

@@ -25,7 +25,7 @@ from uncond_flax.checkpointing import (
     incompatible_keys,
     resolve_resume,
 )
-from uncond_flax.data import build_train_loader
+from uncond_flax.data import build_train_loader, check_resolution
 from uncond_flax.export import load_unet, load_unet_config, save_pipeline
 from uncond_flax.images import save_grid
 from uncond_flax.metrics import MetricWriter, check_logger
@@ -99,6 +99,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if unet["sample_size"] is None:
         unet["sample_size"] = config.resolution
     config.model = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()})
+    check_resolution(config.resolution, config.model.block_out_channels)
     return config
 
 
