@@ -187,7 +187,7 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     good = run_steps(config, make_mesh(), 1)
     kernel = good.params["conv_in"]["kernel"]
     poisoned = good.replace(params=jax.tree.map(lambda x: x, good.params))
-    poisoned.params["conv_in"]["kernel"].value = kernel[...].at[0, 0, 0, 0].set(np.inf)
+    poisoned.params["conv_in"]["kernel"][...] = kernel[...].at[0, 0, 0, 0].set(np.inf)
     after = run_steps(config, make_mesh(), 2, state=poisoned)
     assert int(after.skipped_steps) == 2 and int(after.consecutive_skips) == 2 and int(after.step) == 3
     for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params), strict=True):
