@@ -26,7 +26,7 @@ def bench_step(resolution: int, batch: int, mixed_precision: str, steps: int) ->
     import jax.numpy as jnp
 
     from configs import default
-    from uncond_flax.optim import lr_schedule, make_optimizer
+    from uncond_flax.optim import lr_schedule_for, make_optimizer
     from uncond_flax.parallel import make_mesh
     from uncond_flax.step import make_train_step
     from uncond_flax.train import create_train_state, noise_scheduler_for, resolve_config
@@ -44,7 +44,7 @@ def bench_step(resolution: int, batch: int, mixed_precision: str, steps: int) ->
         make_train_step(
             graphdef,
             tx=tx,
-            lr_fn=lr_schedule("cosine", 1e-4, 500, 10_000),
+            lr_fn=lr_schedule_for(config, 10_000),
             noise_scheduler=noise_scheduler_for(config),
             config=config,
         ),

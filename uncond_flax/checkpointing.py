@@ -16,8 +16,9 @@ import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from uncond_flax.optim import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +85,8 @@ def incompatible_keys(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
-
-
-def all_finite(tree: Any) -> bool:
-    """One compiled reduction over the whole tree (not one tiny program per leaf shape)."""
-    return bool(_all_finite(tree))
+# One compiled reduction over the whole tree (not one tiny program per leaf shape).
+_all_finite_jit = jax.jit(all_finite)
 
 
 class Checkpointer:
@@ -129,7 +123,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         """Start an async save (after the previous save has committed; orbax waits for it and re-raises its
         errors). Refuses, with FloatingPointError, to write non-finite weights."""
-        if not all_finite((state.params, state.ema_params)):
+        if not bool(_all_finite_jit((state.params, state.ema_params))):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the weights contain NaN or inf")
         self.manager.save(
             step,

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from uncond_flax.images import to_uint8
+
 LOGGERS = ("tensorboard", "wandb")
 
 
@@ -53,7 +55,7 @@ class MetricWriter:
 
     def images(self, step: int, tag: str, images_BHWC: np.ndarray) -> None:
         """[0, 1] images; written as uint8 like diffusers' trainer does."""
-        images = (np.asarray(images_BHWC) * 255).round().astype(np.uint8)
+        images = to_uint8(images_BHWC)
         if self._tb is not None:
             self._tb.add_images(tag, images, step, dataformats="NHWC")
         if self._wandb is not None:

@@ -5,14 +5,14 @@ Counting convention. ``schedule(count)`` takes the number of optimizer updates a
 first update therefore runs at ``lambda(0)``, which is 0 for every warmup schedule, as in diffusers.
 
 What the script logs as ``lr`` is read *after* ``lr_scheduler.step()``, i.e. the lr of the next update:
-``current_lr(config, num_training_steps, count)`` with ``count`` = updates applied so far, including this one.
+``lr_schedule_for(config, num_training_steps)(count)`` with ``count`` = updates applied so far, including this one.
 
 fp16 (``torch.amp.GradScaler`` defaults, as accelerate uses them). A train step that reproduces it::
 
     loss_scale = state.loss_scale                       # DynamicLossScale or NoLossScale
     grads = jax.grad(lambda p: loss_scale.scale_loss(loss_fn(p)))(params)
     grads = loss_scale.unscale(grads)
-    finite = loss_scale.grads_finite(grads)             # constant True for NoLossScale
+    finite = all_finite(grads)                          # uncond_flax.step skips non-finite steps in every precision
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     # GradScaler skips optimizer.step() on overflow, and accelerate then skips lr_scheduler.step() too:
@@ -111,19 +111,9 @@ def lr_schedule(name: str, learning_rate: float, num_warmup_steps: int, num_trai
     return schedule
 
 
-def _schedule_from_config(config: Any, num_training_steps: int, scheduler_steps_per_update: int) -> optax.Schedule:
-    base = lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, num_training_steps)
-    if scheduler_steps_per_update == 1:
-        return base
-    k = int(scheduler_steps_per_update)
-    return lambda count: base(jnp.asarray(count, jnp.int32) * k)
-
-
-def current_lr(
-    config: Any, num_training_steps: int, count: jax.Array, *, scheduler_steps_per_update: int = 1
-) -> jax.Array:
-    """The lr ``make_optimizer(config, num_training_steps, ...)`` uses at update number ``count`` (0-based)."""
-    return _schedule_from_config(config, num_training_steps, scheduler_steps_per_update)(count)
+def lr_schedule_for(config: Any, num_training_steps: int) -> optax.Schedule:
+    """The config's lr schedule; `make_optimizer(config, num_training_steps)` uses `lr(k)` for update k (0-based)."""
+    return lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, num_training_steps)
 
 
 def global_norm_like_torch(tree: Any) -> jax.Array:
@@ -153,16 +143,12 @@ def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformat
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(
-    config: Any, num_training_steps: int, *, scheduler_steps_per_update: int = 1
-) -> optax.GradientTransformation:
+def make_optimizer(config: Any, num_training_steps: int) -> optax.GradientTransformation:
     """clip_grad_norm_(1.0) then ``torch.optim.AdamW`` with the config's scheduled lr (weight decay on every leaf).
 
-    ``scheduler_steps_per_update``: how many ``lr_scheduler.step()`` calls one update stands for. accelerate
-    steps the scheduler ``num_processes`` times per update (split_batches=False), so a run emulating N torch
-    processes passes N here; 1 reproduces a single-process run.
+    The schedule counts optimizer updates, as a single-process diffusers run steps it.
     """
-    schedule = _schedule_from_config(config, num_training_steps, scheduler_steps_per_update)
+    schedule = lr_schedule_for(config, num_training_steps)
     return optax.chain(
         clip_by_global_norm_like_torch(1.0),
         # optax.adamw == torch AdamW: bias-corrected moments, eps added outside the sqrt, and the decoupled decay
@@ -234,10 +220,6 @@ class DynamicLossScale:
         inv = 1.0 / self.scale
         return jax.tree_util.tree_map(lambda g: (_f32(g) * inv).astype(g.dtype), grads)
 
-    def grads_finite(self, grads: Any) -> jax.Array:
-        """Whether this step's grads may be applied: ``all_finite(grads)``."""
-        return all_finite(grads)
-
     def update(self, grads_finite: jax.Array) -> "DynamicLossScale":
         """GradScaler.update(): scale *= backoff and reset on overflow; else count, growing every growth_interval."""
         grads_finite = jnp.asarray(grads_finite, jnp.bool_)
@@ -253,7 +235,7 @@ class DynamicLossScale:
 
 @struct.dataclass
 class NoLossScale:
-    """Stand-in for fp32 / bf16: identity scaling and an always-applied step (torch has no GradScaler there)."""
+    """Stand-in for fp32 / bf16: identity scaling, no state (torch has no GradScaler there)."""
 
     is_dynamic: ClassVar[bool] = False
 
@@ -269,11 +251,6 @@ class NoLossScale:
     def unscale(self, grads: Any) -> Any:
         """The grads, unchanged."""
         return grads
-
-    def grads_finite(self, grads: Any) -> jax.Array:
-        """Always True: without a GradScaler torch applies non-finite grads too."""
-        del grads
-        return jnp.array(True)
 
     def update(self, grads_finite: jax.Array) -> "NoLossScale":
         """No state to update."""
@@ -296,7 +273,7 @@ def make_loss_scale(mixed_precision: str) -> LossScale:
 __all__: list[str] = [
     "LR_SCHEDULES",
     "lr_schedule",
-    "current_lr",
+    "lr_schedule_for",
     "global_norm_like_torch",
     "clip_by_global_norm_like_torch",
     "make_optimizer",

@@ -30,7 +30,7 @@ from uncond_flax.export import load_unet, load_unet_config, save_pipeline
 from uncond_flax.images import save_grid
 from uncond_flax.metrics import MetricWriter, check_logger
 from uncond_flax.models import FlaxUNet2DModel, resolve_unet_config
-from uncond_flax.optim import lr_schedule, make_loss_scale, make_optimizer
+from uncond_flax.optim import lr_schedule_for, make_loss_scale, make_optimizer
 from uncond_flax.parallel import (
     batch_sharding,
     initialize_distributed,
@@ -72,7 +72,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     _check_choice(config, "prediction_type", PREDICTION_TYPES)
     _check_choice(config, "sample_scheduler", SAMPLE_SCHEDULERS)
     check_logger(config.logger)
-    lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, 1)
+    lr_schedule_for(config, 1)
     for key in (
         "train_batch_size",
         "eval_batch_size",
@@ -212,11 +212,13 @@ class _StepLog:
             )
 
 
-def _resume_step(config: Any, source: Checkpointer | None) -> int | None:
-    """The checkpoint step to resume from (None: start fresh), checked against this config before compiling."""
+def _resume_step(config: Any, source: Checkpointer | None, step: int | str | None) -> int | None:
+    """The checkpoint step to resume from (None: start fresh), checked against this config before compiling.
+
+    `step` is a step number or "latest", as `resolve_resume` gives it.
+    """
     if source is None:
         return None
-    _, step = resolve_resume(config.resume_from_checkpoint, source.directory)
     if step == "latest":
         step = source.latest_step()
         if step is None:
@@ -249,10 +251,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         noise_scheduler = noise_scheduler_for(config)
         preview_scheduler = preview_scheduler_for(config, noise_scheduler)
         checkpointer = Checkpointer(checkpoint_dir(config), max_to_keep=config.checkpoints_total_limit)
-        if config.resume_from_checkpoint:
-            resume_dir, _ = resolve_resume(config.resume_from_checkpoint, checkpointer.directory)
+        resume_dir, resume_at = resolve_resume(config.resume_from_checkpoint, checkpointer.directory)
+        if resume_at is not None:
             source = checkpointer if resume_dir == checkpointer.directory else Checkpointer(resume_dir, read_only=True)
-        resume_step = _resume_step(config, source)
+        resume_step = _resume_step(config, source, resume_at)
         loader = build_train_loader(config, mesh)
     except (ValueError, FileNotFoundError, ImportError) as e:
         for c in {checkpointer, source} - {None}:
@@ -267,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         images_per_step = loader.examples_per_step
         tx = make_optimizer(config, total_steps)
-        lr_fn = lr_schedule(config.lr_scheduler, config.learning_rate, config.lr_warmup_steps, total_steps)
+        lr_fn = lr_schedule_for(config, total_steps)
         if resume_step is None:
             train_graphdef, eval_graphdef, state, shardings = create_train_state(config, mesh, tx)
         else:
