@@ -1,92 +1,209 @@
-"""Train-step throughput beside the loader's, at the same resolution, in one run.
+"""Train-step speed against diffusers' PyTorch trainer, same UNet, batch, resolution and fp32, in one run.
 
-    python bench/bench_train_step.py                       # train_unconditional's UNet, 64 px, batch 8
-    python bench/bench_train_step.py --batch-size 16 --mixed-precision bf16
+    python bench/bench_train_step.py --model small                  # (32, 64, 64), 1 layer per block, 32 px
+    python bench/bench_train_step.py --model default                # train_unconditional's 113.7 M UNet, 64 px
+    python bench/bench_train_step.py --model default --batch-size 4 --steps 5   # a quicker look
+    python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
+    python bench/bench_train_step.py --jax "" --jax "xla=none;attention=xla"   # ours now vs before (one run)
+    python bench/bench_train_step.py --jax "conv=matmul" --jax "xla_cpu_use_xnnpack=true"   # one lever each
+    taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
 
-Prints the images/s one jitted train step consumes (compile excluded) and the images/s our loader delivers
-(0 and 2 workers, generated 500x375 JPEGs) so the loader/step ratio can be read off. Not a test.
+Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + global-norm clipping, the
+diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
+timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
+step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` (uncond_flax.models.layers.implementations),
+`xla=none` (XLA's defaults instead of uncond_flax.xla_flags.compiler_options()), any other key an XLA compiler
+option for that variant's step alone. No `--jax`: one variant, as the trainer runs. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+# Wall time, or this process's CPU time (all its threads): pinned to one core (`taskset -c 0`), the latter is
+# what a quiet core would take, which wall time on an oversubscribed machine is not.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+# block_out_channels, layers_per_block, block types and resolution of each benchmarked UNet.
+MODELS = {
+    "small": {
+        "resolution": 32,
+        "unet": {
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        },
+    },
+    "default": {"resolution": 64, "unet": {}},  # configs/default.py's model: train_unconditional's UNet
+}
 
 
-def bench_step(resolution: int, batch: int, mixed_precision: str, steps: int) -> tuple[float, float]:
-    """(images/s, compile seconds) of the real train step on train_unconditional's default UNet."""
-    import jax
-    import jax.numpy as jnp
+def _set_isa(isa: str) -> None:
+    # Both libraries read these once, at import: set them before either is imported.
+    if isa == "avx2":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
 
+
+def _config(model: str, batch: int, resolution: int):
     from configs import default
-    from uncond_flax.optim import lr_schedule_for, make_optimizer
-    from uncond_flax.parallel import make_mesh
-    from uncond_flax.step import make_train_step
-    from uncond_flax.train import create_train_state, noise_scheduler_for, resolve_config
 
     config = default.get_config()
     config.dataset_name = "digits"
     config.resolution = resolution
-    config.mixed_precision = mixed_precision
-    config.train_batch_size = max(1, batch // jax.device_count())
+    config.train_batch_size = batch
+    for key, value in MODELS[model]["unet"].items():
+        config.model[key] = value
+    return config
+
+
+def jax_side(config, batch: int, variant: dict[str, str]):
+    """(run one step, compile seconds, UNet config): our jitted train step on one device, state donated."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from uncond_flax.config import noise_scheduler_for, resolve_config
+    from uncond_flax.models.layers import implementations
+    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from uncond_flax.parallel import make_mesh
+    from uncond_flax.step import make_train_step
+    from uncond_flax.train_state import create_train_state
+    from uncond_flax.xla_flags import compiler_options
+
+    variant = dict(variant)
+    impls = {kind: variant.pop(kind, None) for kind in ("conv", "attention")}
+    options = {} if variant.pop("xla", "auto") == "none" else compiler_options()
+    options.update(variant)
+
     config = resolve_config(config)
-    mesh = make_mesh()
+    mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(config, 10_000)
-    graphdef, _, state, shardings = create_train_state(config, mesh, tx)
-    step = jax.jit(
-        make_train_step(
-            graphdef,
-            tx=tx,
-            lr_fn=lr_schedule_for(config, 10_000),
-            noise_scheduler=noise_scheduler_for(config),
-            config=config,
-        ),
-        donate_argnums=0,
+    with implementations(**impls):
+        graphdef, _, state, _ = create_train_state(config, mesh, tx)
+    step_fn = make_train_step(
+        graphdef,
+        tx=tx,
+        lr_fn=lr_schedule_for(config, 10_000),
+        noise_scheduler=noise_scheduler_for(config),
+        config=config,
     )
-    images = jnp.zeros((1, config.train_batch_size * jax.device_count(), resolution, resolution, 3), jnp.uint8)
+    rng = np.random.default_rng(0)
+    res = config.resolution
+    images = jnp.asarray(rng.integers(0, 256, (1, batch, res, res, 3), dtype=np.uint8))
     start = time.perf_counter()
-    state, metrics = step(state, images)
-    jax.block_until_ready(metrics)
+    step = jax.jit(step_fn, donate_argnums=0).lower(state, images).compile(compiler_options=options)
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, images)
-    jax.block_until_ready(metrics)
-    return steps * images.shape[1] / (time.perf_counter() - start), compile_s
+    holder = [state]
+
+    def run() -> None:
+        holder[0], metrics = step(holder[0], images)
+        jax.block_until_ready(metrics)
+
+    return run, compile_s, config.model.to_dict()
+
+
+def torch_side(unet_config: dict, config, batch: int):
+    """One step of diffusers' train_unconditional.py (no accelerate wrapper; fp32, one process)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")})
+    model.train()
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=10_000
+    )
+    res = config.resolution
+    clean = torch.rand(batch, 3, res, res) * 2 - 1
+
+    def run() -> None:
+        noise = torch.randn(clean.shape)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,)).long()
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        loss = F.mse_loss(model(noisy, timesteps, return_dict=False)[0].float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+
+    return run, sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--model", default="small", choices=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's (32 small, 64 default)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported), >= 1")
+    parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
+    parser.add_argument("--jax", action="append", help="a variant of our side, KEY=VALUE;... (repeatable)")
+    parser.add_argument("--no-torch", action="store_true", help="time only our side")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time")
     args = parser.parse_args()
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1")
+    _set_isa(args.isa)
+    resolution = args.resolution or MODELS[args.model]["resolution"]
+    config = _config(args.model, args.batch_size, resolution)
 
     import jax
-    from bench_loader import bench_ours
-    from fixtures.data_factory import make_jpeg_folder  # noqa: PLC0415
+    import torch
 
-    step_rate, compile_s = bench_step(args.resolution, args.batch_size, args.mixed_precision, args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_jpeg_folder(os.path.join(tmp, "images"), args.num_images)
-        loader = {
-            w: bench_ours(data_dir, os.path.join(tmp, "cache"), w, max(args.batch_size, 32), args.resolution, 8)
-            for w in (0, 2)
-        }
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    print(f"device: {device}; resolution {args.resolution}; train_unconditional UNet; {args.mixed_precision}")
-    print(f"train step : {step_rate:8.1f} img/s (batch {args.batch_size}, compile {compile_s:.0f}s)")
-    for workers, rate in loader.items():
-        print(f"loader w={workers}: {rate:8.1f} img/s  ({rate / step_rate:.1f}x the step)")
+    from uncond_flax.config import resolve_config
+
+    unet_config = resolve_config(config).model.to_dict()
+    runs, compile_s = {}, {}
+    for variant in args.jax or [""]:
+        settings = dict(kv.split("=", 1) for kv in variant.split(";") if kv)
+        runs[f"jax {variant}"], compile_s[variant], _ = jax_side(config, args.batch_size, settings)
+    if not args.no_torch:
+        runs["torch"], n_params = torch_side(unet_config, config, args.batch_size)
+    for run in runs.values():  # warm-up: torch's first step allocates, ours may still settle
+        run()
+    times = {name: [] for name in runs}
+    clock = CLOCKS[args.clock]
+    for _ in range(args.steps):  # interleaved
+        for name, run in runs.items():
+            start = clock()
+            run()
+            times[name].append(clock() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"{args.model} UNet, {resolution} px, batch {args.batch_size}, fp32, {args.clock} clock, isa={args.isa}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    )
+    for variant, seconds in compile_s.items():
+        print(f"compile jax {variant}: {seconds:.1f} s")
+    width = max(map(len, median))
+    for name, m in median.items():
+        spread = f"min {min(times[name]):.3f} max {max(times[name]):.3f}"
+        vs_torch = f"  {m / median['torch']:.2f}x torch's time" if "torch" in median and name != "torch" else ""
+        print(f"{name:{width}s}: {m:7.3f} s/step {args.batch_size / m:7.2f} img/s ({spread}){vs_torch}")
+    if "torch" in runs:
+        print(f"params: {n_params / 1e6:.1f} M; median of {args.steps} interleaved steps after one warm-up step")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ho et al. (2020) CIFAR-10: the 35.7M-parameter UNet (google/ddpm-cifar10-32), linear betas, 800k steps."""
 
-from configs import default
+from uncond_flax.configs import default
 
 
 def get_config():

@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.resolution = 64
     c.center_crop = False
     c.random_flip = False
+    # 16-bit (and float) images keep their precision through resize and crop, and reach the devices as uint16;
+    # without it every image becomes 8-bit RGB/L first, as in diffusers.
+    c.preserve_input_precision = False
     c.train_batch_size = 16  # per device
     c.eval_batch_size = 16
     c.dataloader_num_workers = 0
@@ -110,7 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- outputs ---
     c.output_dir = "ddpm-model-64"
-    c.overwrite_output_dir = False  # accepted for compatibility; diffusers' script does not use it either
+    # A fresh start (no resume_from_checkpoint) in an output_dir that holds checkpoints is an error; True deletes
+    # those checkpoints first. (diffusers' script accepts the flag and ignores it.)
+    c.overwrite_output_dir = False
     c.enable_xformers_memory_efficient_attention = False  # accepted; jax.nn.dot_product_attention picks the kernel
     c.save_images_epochs = 10
     c.save_model_epochs = 10
@@ -118,10 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_num_inference_steps = ml_collections.FieldReference(None, field_type=int)  # None: ddpm_num_inference_steps
     c.logger = "tensorboard"
     c.logging_dir = "logs"
+    c.log_every = 10  # metrics are fetched from the device every this many steps (each step still gets a line)
 
     # --- checkpoints ---
     c.checkpointing_steps = 500  # 0: no periodic checkpoints (a SIGTERM still saves one)
-    c.checkpoints_total_limit = ml_collections.FieldReference(None, field_type=int)
+    c.checkpoints_total_limit = ml_collections.FieldReference(None, field_type=int)  # >= 1 newest kept; None: all
     c.resume_from_checkpoint = ml_collections.FieldReference(None, field_type=str)
 
     # --- hub ---
@@ -132,9 +138,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.max_consecutive_skips = 25  # stop after this many steps in a row with a non-finite loss or gradients
 
+    # JAX's persistent compilation cache: "auto" = $XDG_CACHE_HOME (or ~/.cache)/uncond_flax/jax, never output_dir;
+    # a path; None or "" = off. A second start of the same run loads its compiled step from here.
+    c.compilation_cache_dir = ml_collections.FieldReference("auto", field_type=str)
+
     # --- parallelism ---
     c.fsdp = 1  # devices that share one sharded copy of params/optimizer state; 1 = replicated
-    c.distributed = False  # multi-host: jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)
+    # "auto": jax.distributed.initialize() when this process is one of several (TPU pod slice, SLURM with several
+    # tasks, Open MPI, JAX_COORDINATOR_ADDRESS, or coordinator_address below); True: always (an error when none is
+    # found); False: one process. `object`, so True/False/auto all parse on the command line.
+    c.distributed = ml_collections.FieldReference("auto", field_type=object)
+    c.distributed_timeout_s = 300  # how long processes wait for each other at start before a one-line error
     c.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # e.g. "10.0.0.1:1234"
     c.num_processes = ml_collections.FieldReference(None, field_type=int)
     c.process_id = ml_collections.FieldReference(None, field_type=int)

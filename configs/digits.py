@@ -3,7 +3,7 @@
 Sized for a 2-core CPU (about 10 minutes); samples from the exported pipeline are recognisable digits.
 """
 
-from configs import default
+from uncond_flax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The guide's Oxford Flowers command: train_unconditional.py --dataset_name=huggan/flowers-102-categories ..."""
 
-from configs import default
+from uncond_flax.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The guide's Naruto command: train_unconditional.py --dataset_name=lambdalabs/naruto-blip-captions ..."""
 
-from configs import flowers64
+from uncond_flax.configs import flowers64
 
 
 def get_config():

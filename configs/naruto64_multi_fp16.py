@@ -1,6 +1,6 @@
 """The guide's multi-GPU command (fp16, EMA, center crop, random flip, wandb) for every device of every host."""
 
-from configs import naruto64
+from uncond_flax.configs import naruto64
 
 
 def get_config():

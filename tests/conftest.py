@@ -14,6 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs checks this at import: no gRPC bucket-type probe, which the GCS emulator cannot answer (tests/gcs_emulator.py)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 
@@ -26,3 +28,40 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gs:// through a real GCS-protocol server on 127.0.0.1 (see tests/gcs_emulator.py)
+
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+GCS_TEST_BUCKET = "bkt"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """fake-gcs-server with bucket `bkt`; this process (and its children) reach it through the standard client
+    variables only, set for the session and restored after."""
+    from gcs_emulator import GCSEmulator
+
+    emulator = GCSEmulator(tmp_path_factory.mktemp("gcs")).start()
+    saved = {k: os.environ.get(k) for k in emulator.client_env()}
+    os.environ.update(emulator.client_env())
+    try:
+        emulator.create_bucket(GCS_TEST_BUCKET)
+        yield emulator
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        emulator.stop()
+
+
+@pytest.fixture
+def gcs_path(gcs_emulator) -> str:
+    """A fresh, empty `gs://bkt/<random>` folder in the emulator."""
+    return f"gs://{GCS_TEST_BUCKET}/{uuid.uuid4().hex[:12]}"

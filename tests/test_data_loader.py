@@ -3,9 +3,11 @@
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 from fixtures.data_factory import TFDS_DIR, TFDS_NAME, data_config, make_image_folder
 from jax.sharding import NamedSharding
@@ -16,7 +18,6 @@ from uncond_flax.data import (
     TrainLoader,
     build_train_loader,
     check_resolution,
-    epoch_permutation,
     process_rows,
 )
 from uncond_flax.parallel import BATCH_AXES, make_mesh
@@ -43,6 +44,15 @@ def bad_folder(tmp_path_factory):
     return {"train_data_dir": str(root / "imgs"), "cache_dir": str(root / "cache")}
 
 
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """24 flat 16×16 RGB PNGs whose red value is 10 × their index (imagefolder reads them in sorted order)."""
+    root = tmp_path_factory.mktemp("numbered")
+    for i in range(24):
+        PIL.Image.fromarray(np.full((16, 16, 3), (10 * i, 7, 9), np.uint8)).save(root / f"{i:02d}.png")
+    return str(root)
+
+
 def corrupt_index(folder: dict) -> int:
     return sorted(os.listdir(folder["train_data_dir"])).index("corrupt.jpg")  # imagefolder keeps sorted order
 
@@ -61,12 +71,37 @@ def test_global_batch_shape_dtype_sharding(mesh):
         assert images.sharding.is_equivalent_to(NamedSharding(mesh, P(None, BATCH_AXES)), images.ndim)
         assert {s.data.shape for s in images.addressable_shards} == {(3, 2, 16, 16, 3)}
         assert loader.steps_per_epoch == 1797 // 48 and loader.num_examples == 1797 and loader.examples_per_step == 48
-        # the images are the shuffled digits of step 0, in the layout (A, B)
-        expected = epoch_permutation(0, 0, 1797)[:48].reshape(3, 16)
-        np.testing.assert_array_equal(loader.layout.global_indices(0), expected)
+        assert loader.batch_spec(images.sharding) == jax.ShapeDtypeStruct(
+            images.shape, np.uint8, sharding=images.sharding
+        )
     gray = data_config(dataset_name="digits", in_channels=1, train_batch_size=1)
     with build_train_loader(gray, mesh) as loader:
         assert next(loader)["images"].shape == (1, 8, 16, 16, 1)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_steps_hold_the_documented_shuffle_read_back_from_the_pixels(mesh, numbered, accumulation):
+    # The documented order (steps.py): epoch e visits numpy's default_rng([seed, e, 0x5EED]).permutation(N);
+    # step s of the epoch takes its next A × B examples as rows of (A, B). Derived here from numpy itself, and
+    # each example recognised by its pixels rather than by the loader's own bookkeeping.
+    config = data_config(train_data_dir=numbered, center_crop=True, gradient_accumulation_steps=accumulation, seed=7)
+    with build_train_loader(config, mesh) as loader:
+        per_step, steps_per_epoch = 8 * accumulation, 24 // (8 * accumulation)
+        assert loader.steps_per_epoch == steps_per_epoch
+        batches = take(loader, 2 * steps_per_epoch)
+    for k, images_ABHWC in enumerate(batches):
+        assert images_ABHWC.shape == (accumulation, 8, 16, 16, 3)
+        assert (images_ABHWC[..., 1] == 7).all() and (images_ABHWC[..., 2] == 9).all()
+        red = images_ABHWC[..., 0]
+        assert (red == red[:, :, :1, :1]).all()  # whole images, not mixed
+        seen_AB = red[:, :, 0, 0] // 10
+        epoch, s = divmod(k, steps_per_epoch)
+        order = np.random.default_rng([7, epoch, 0x5EED]).permutation(24)
+        np.testing.assert_array_equal(seen_AB, order[s * per_step : (s + 1) * per_step].reshape(accumulation, 8))
+    if steps_per_epoch == 3:  # every example exactly once per epoch, in a new order the next epoch
+        seen = [b[..., 0, 0, 0].ravel() // 10 for b in batches]
+        first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:])
+        assert sorted(first) == sorted(second) == list(range(24)) and list(first) != list(second)
 
 
 def test_checks_before_anything_heavy(mesh):
@@ -144,12 +179,23 @@ def test_save_restore_mid_epoch_gives_identical_following_batches(mesh, folder):
             loader.set_state({**state, "global_batch_size": 16})
 
 
-def test_bad_image_error_names_source_and_index(mesh, bad_folder):
-    config = data_config(**bad_folder, train_batch_size=1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_image_error_is_one_line_naming_the_file_and_what_to_do(mesh, bad_folder, workers):
+    config = data_config(**bad_folder, train_batch_size=1, dataloader_num_workers=workers)
     with build_train_loader(config, mesh) as loader:
         index = corrupt_index(bad_folder)
-        with pytest.raises(BadImageError, match=rf"imgs: cannot decode example {index} \(.*corrupt\.jpg\): "):
+        with pytest.raises(BadImageError) as info:
             take(loader, loader.steps_per_epoch)
+        message = str(info.value)
+        assert re.fullmatch(
+            rf".*imgs: cannot decode example {index} \(.*corrupt\.jpg\): UnidentifiedImageError: .*; "
+            r"fix or remove that file, or set skip_bad_images=True to train on the other images",
+            message,
+        )
+        assert "\n" not in message
+        # raised afresh in the consumer, grain's note left on the worker's error: a traceback ends with our line
+        assert not getattr(info.value, "__notes__", None)
+        assert isinstance(info.value.__cause__, BadImageError) and str(info.value.__cause__) == message
         failed_at = loader.global_step
         with pytest.raises(BadImageError):  # raises again (rebuilt at the same step), never hangs
             next(loader)
@@ -158,12 +204,9 @@ def test_bad_image_error_names_source_and_index(mesh, bad_folder):
 
 def test_skip_bad_images_counts_and_logs(mesh, bad_folder, caplog):
     config = data_config(**bad_folder, train_batch_size=1, skip_bad_images=True)
-    with caplog.at_level(logging.WARNING, logger="uncond_flax.data"):
-        with build_train_loader(config, mesh) as loader:
-            batches = take(loader, 3 * loader.steps_per_epoch)
-            assert loader.num_skipped_images == 1 and loader.get_state()["skipped_indices"] == [
-                corrupt_index(bad_folder)
-            ]
+    with caplog.at_level(logging.WARNING, logger="uncond_flax.data"), build_train_loader(config, mesh) as loader:
+        batches = take(loader, 3 * loader.steps_per_epoch)
+        assert loader.num_skipped_images == 1 and loader.get_state()["skipped_indices"] == [corrupt_index(bad_folder)]
     assert all(b.shape == (1, 8, 16, 16, 3) for b in batches)
     assert any("skipped bad image (1 so far)" in r.message and "corrupt.jpg" in r.message for r in caplog.records)
     assert any("skipped 1 bad images in total" in r.message for r in caplog.records)
@@ -180,13 +223,64 @@ def test_decode_cache_gives_the_same_batches(mesh, folder, bad_folder):
     caches = os.listdir(os.path.join(folder["cache_dir"], "uncond_flax_decode_cache"))
     assert len([c for c in caches if not c.startswith(".tmp")]) == 1 and not any(c.startswith(".tmp") for c in caches)
     bad = bad_folder
-    with pytest.raises(BadImageError, match=f"cannot decode example {corrupt_index(bad_folder)}:"):
+    with pytest.raises(
+        BadImageError, match=rf"cannot decode example {corrupt_index(bad_folder)} \(.*corrupt\.jpg\): .*skip_bad_images"
+    ):
         build_train_loader(data_config(**bad, decode_cache=True), mesh)
     with build_train_loader(
         data_config(**bad, decode_cache=True, skip_bad_images=True, train_batch_size=1), mesh
     ) as loader:
         take(loader, 2 * loader.steps_per_epoch)
         assert loader.num_skipped_images == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated data.bin", "no index.npy", "garbled meta.json"])
+def test_damaged_decode_cache_is_built_again(mesh, folder, tmp_path, caplog, damage):
+    base = dict(folder, cache_dir=str(tmp_path), random_flip=True, train_batch_size=1)
+    with build_train_loader(data_config(**base), mesh) as loader:
+        expected = take(loader, 3)
+    build_train_loader(data_config(**base, decode_cache=True), mesh).close()
+    root = tmp_path / "uncond_flax_decode_cache"
+    (cache,) = os.listdir(root)
+    data = root / cache / "data.bin"
+    if damage == "truncated data.bin":
+        os.truncate(data, os.path.getsize(data) - 100)
+    elif damage == "no index.npy":
+        os.remove(root / cache / "index.npy")
+    else:
+        (root / cache / "meta.json").write_text('{"chan')
+    cached = data_config(**base, decode_cache=True)
+    with caplog.at_level(logging.WARNING, logger="uncond_flax.data"), build_train_loader(cached, mesh) as loader:
+        np.testing.assert_array_equal(np.stack(take(loader, 3)), np.stack(expected))
+    (warning,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert cache in warning and warning.endswith("building it again")
+    if damage == "truncated data.bin":
+        assert f"data.bin has {os.path.getsize(data) - 100} bytes, its index needs {os.path.getsize(data)}" in warning
+    assert os.listdir(root) == [cache]  # rebuilt in place; the damaged copy is gone
+
+
+def test_preserve_input_precision_delivers_uint16_batches(mesh, tmp_path):
+    # 16-bit gray PNGs at the training resolution (no resize): levels 1 apart, far below one 8-bit step
+    os.makedirs(tmp_path / "gray16")  # datasets would take a split name from the pytest folder's name
+    for i in range(16):
+        values = (20000 + 300 * i + np.arange(16 * 16)).reshape(16, 16).astype(np.uint16)
+        PIL.Image.fromarray(values).save(tmp_path / "gray16" / f"{i:02d}.png")
+    base = {"train_data_dir": str(tmp_path / "gray16"), "cache_dir": str(tmp_path / "cache"), "center_crop": True}
+    with build_train_loader(data_config(**base, preserve_input_precision=True), mesh) as loader:
+        images = next(loader)["images"]
+        assert images.dtype == np.uint16 and images.shape == (1, 8, 16, 16, 3)
+        assert loader.batch_spec(images.sharding).dtype == np.uint16
+        batch = np.asarray(images)
+    for image in batch[0]:
+        first = int(image[0, 0, 0])
+        assert (first - 20000) % 300 == 0  # one of the files, whole, its gray repeated into R, G and B
+        expected = (first + np.arange(16 * 16)).reshape(16, 16)
+        np.testing.assert_array_equal(image, np.repeat(expected[..., None], 3, axis=-1))
+    for extra in ({"dataloader_num_workers": 2}, {"decode_cache": True}, {"decode_cache": True}):  # build, reuse
+        with build_train_loader(data_config(**base, preserve_input_precision=True, **extra), mesh) as loader:
+            np.testing.assert_array_equal(np.asarray(next(loader)["images"]), batch)
+    with build_train_loader(data_config(**base), mesh) as loader:  # without the flag: 8-bit, as before
+        assert next(loader)["images"].dtype == np.uint8
 
 
 def test_max_steps_and_close(mesh):
@@ -199,7 +293,7 @@ def test_max_steps_and_close(mesh):
 
 
 def test_tfds_source_in_worker_processes(mesh):
-    base = dict(dataset_name=f"tfds:{TFDS_NAME}", tfds_data_dir=TFDS_DIR, random_flip=True)
+    base = {"dataset_name": f"tfds:{TFDS_NAME}", "tfds_data_dir": TFDS_DIR, "random_flip": True}
     with build_train_loader(data_config(**base), mesh) as loader:
         assert loader.steps_per_epoch == 1  # 12 examples, global batch 8
         expected = take(loader, 3)

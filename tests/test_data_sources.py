@@ -1,6 +1,8 @@
 """Dataset sources: imagefolder, parquet, arrow, save_to_disk, TFDS (committed fixture), digits, and their errors."""
 
+import io
 import os
+import re
 import shutil
 
 import datasets
@@ -27,7 +29,7 @@ def hf_dirs(tmp_path_factory):
     ds.save_to_disk(str(root / "saved"))
     datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(root / "saved_dict"))
     os.makedirs(root / "arrow")
-    arrow_file = [f for f in os.listdir(root / "saved") if f.endswith(".arrow")][0]
+    arrow_file = next(f for f in os.listdir(root / "saved") if f.endswith(".arrow"))
     shutil.copy(root / "saved" / arrow_file, root / "arrow" / "train.arrow")
     return root
 
@@ -65,6 +67,54 @@ def test_image_column_errors_list_columns(hf_dirs, tmp_path):
         select_image_column(["a", "b"], None, "x")
     source = open_source(data_config(train_data_dir=str(hf_dirs / "saved"), image_column="img"))
     assert source.column == "img"
+
+
+def test_image_column_that_holds_no_images_is_one_line_naming_the_image_columns(hf_dirs, tmp_path):
+    with pytest.raises(ValueError) as info:
+        open_source(data_config(train_data_dir=str(hf_dirs / "saved"), image_column="label"))
+    assert re.fullmatch(
+        r"the image column 'label' of .*saved holds Value\('int64'\), not images \(cannot decode example 0: "
+        r"ValueError: cannot read an image from a int\); set image_column to one of \['img'\]",
+        str(info.value),
+    )
+    with pytest.raises(ValueError) as info:
+        open_source(data_config(dataset_name=f"tfds:{TFDS_NAME}", tfds_data_dir=TFDS_DIR, image_column="label"))
+    assert re.fullmatch(
+        r"the image column 'label' of tfds:uncond_tiny_images holds ClassLabel, not images \(.*\); "
+        r"set image_column to one of \['image'\]",
+        str(info.value),
+    )
+    # a column of encoded bytes (no Image feature) is images all the same
+    png = io.BytesIO()
+    PIL.Image.fromarray(gradient(8, 8, 3)).save(png, format="PNG")
+    os.makedirs(tmp_path / "bytes")
+    datasets.Dataset.from_dict({"png": [png.getvalue()] * 3, "caption": ["a"] * 3}).to_parquet(
+        str(tmp_path / "bytes" / "train.parquet")
+    )
+    where = {"train_data_dir": str(tmp_path / "bytes"), "cache_dir": str(tmp_path / "cache")}
+    assert open_source(data_config(**where, image_column="png")).column == "png"
+    with pytest.raises(ValueError, match=r"'caption' .* holds Value\('string'\), not images .*none of its columns"):
+        open_source(data_config(**where, image_column="caption"))
+
+
+def test_hf_fingerprint_follows_the_images(tmp_path):
+    # HFImageSource.fingerprint (the decode cache's key) is datasets' private Dataset._fingerprint, its content
+    # hash: no public API gives one. If datasets moves or drops it, this fails, not a user's stale cache.
+    def write(value: int) -> None:
+        images = [PIL.Image.fromarray(gradient(8, 8, value + i)) for i in range(3)]
+        ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+        ds.to_parquet(str(tmp_path / "data" / "train.parquet"))
+        assert isinstance(ds._fingerprint, str) and ds._fingerprint
+
+    os.makedirs(tmp_path / "data")
+    config = data_config(train_data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    write(10)
+    first = open_source(config).fingerprint
+    assert open_source(config).fingerprint == first  # the same files: the same key
+    write(20)  # the same file name and size, other pixels
+    stat = os.stat(tmp_path / "data" / "train.parquet")
+    os.utime(tmp_path / "data" / "train.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert open_source(config).fingerprint != first
 
 
 def test_tfds_array_record_fixture_without_tensorflow():
@@ -113,6 +163,12 @@ def test_config_errors(tmp_path):
         ValueError, match="You must specify either a dataset name from the hub or a train data directory"
     ):
         open_source(data_config())
+    with pytest.raises(
+        ValueError,
+        match=r"^dataset_name 'digits' and train_data_dir '.*' are both set; set only one "
+        r"\(--config.dataset_name=None trains on train_data_dir\)$",
+    ):
+        open_source(data_config(dataset_name="digits", train_data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"train_data_dir '.*nope' does not exist"):
         open_source(data_config(train_data_dir=str(tmp_path / "nope")))
     os.makedirs(tmp_path / "empty")

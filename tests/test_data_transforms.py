@@ -45,11 +45,34 @@ def test_resized_size_matches_torchvision_resize(wh, size, expected):
     assert resized_size(*wh, size) == expected
 
 
-def test_resize_is_pil_antialiased_bilinear():
-    image = PIL.Image.fromarray(gradient(375, 500, 7))
-    out = resize_shorter_side(image, 64)
-    assert out.size == (85, 64)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(image.resize((85, 64), PIL.Image.Resampling.BILINEAR)))
+def torch_resize(image_HWC: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's ``Resize(size, BILINEAR)`` on a float tensor, which is ``F.interpolate(bilinear,
+    antialias=True)`` at (short side = size, long side = int(size * long / short)): float (H, W, C)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = image_HWC.shape[:2]
+    out_hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = torch.from_numpy(np.ascontiguousarray(image_HWC, np.float32)).permute(2, 0, 1)[None]
+    y = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False, antialias=True)
+    return y[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(
+    "hw, size",
+    [((375, 500), 64), ((500, 375), 64), ((33, 101), 16), ((8, 8), 64), ((20, 24), 16), ((64, 64), 16)],
+)
+def test_resize_matches_torchs_antialiased_bilinear(hw, size):
+    rng = np.random.default_rng(sum(hw) + size)
+    image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)  # noise: every filter difference shows
+    ours = np.asarray(resize_shorter_side(PIL.Image.fromarray(image), size)).astype(np.float32)
+    reference = torch_resize(image, size)
+    assert ours.shape == reference.shape
+    # PIL computes in fixed point and rounds to uint8; torch in float32: never a whole level apart
+    assert np.abs(ours - reference).max() < 1.0
+
+
+def test_resize_antialiases():
     # antialiased: a 1-px checkerboard averages to grey instead of aliasing to black/white
     checker = PIL.Image.fromarray(((np.indices((64, 128)).sum(0) % 2) * 255).astype(np.uint8))
     small = np.asarray(resize_shorter_side(checker, 8)).astype(int)
@@ -86,7 +109,7 @@ def test_crop_position_and_flip_values():
 def test_random_crop_covers_all_positions_and_is_keyed_by_seed_epoch_index():
     seen = {random_crop_offsets(20, 18, 16, example_rng(0, 0, i)) for i in range(400)}
     assert seen == {(top, left) for top in range(5) for left in range(3)}
-    draw = lambda *key: random_crop_offsets(100, 100, 16, example_rng(*key))  # noqa: E731
+    draw = lambda *key: random_crop_offsets(100, 100, 16, example_rng(*key))
     assert draw(1, 2, 3) == draw(1, 2, 3)
     assert len({draw(1, e, 3) for e in range(10)}) > 1  # a new crop every epoch
     assert len({draw(s, 2, 3) for s in range(10)}) > 1
@@ -157,3 +180,108 @@ def test_image_mode():
     assert image_mode(3) == "RGB" and image_mode(1) == "L"
     with pytest.raises(ValueError, match="in_channels must be 1 .* or 3 .* got 4"):
         image_mode(4)
+
+
+# --- preserve_input_precision: diffusers' precision path (PR #12596), re-derived in torch ----------------------
+
+
+def diffusers_precision_path(decoded: np.ndarray, resolution: int, channels: int = 3) -> np.ndarray:
+    """train_unconditional.py with --preserve_input_precision --center_crop on an image PIL decoded to
+    ``decoded``: PILToTensor → 1 channel repeated to 3 → ConvertImageDtype(float32) (integers / their type's
+    max) → Resize(BILINEAR, antialias) → CenterCrop → Normalize([0.5], [0.5]). Returns (H, W, C) in [-1, 1]."""
+    import torch
+
+    x = torch.from_numpy(np.array(decoded))  # a writable copy
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    if x.shape[0] == 1 and channels == 3:
+        x = x.repeat(3, 1, 1)
+    x = x.float() if x.dtype.is_floating_point else x.float() / torch.iinfo(x.dtype).max
+    resized = torch_resize(x.permute(1, 2, 0).numpy(), resolution)
+    h, w = resized.shape[:2]
+    top, left = round((h - resolution) / 2.0), round((w - resolution) / 2.0)  # torchvision's CenterCrop
+    return (resized[top : top + resolution, left : left + resolution] - 0.5) / 0.5
+
+
+def _precise(raw, resolution: int, mode: str = "RGB", preserve_input_precision: bool = True) -> np.ndarray:
+    out = preprocess(
+        raw,
+        resolution=resolution,
+        mode=mode,
+        center_crop=True,
+        random_flip=False,
+        rng=example_rng(0, 0, 0),
+        preserve_input_precision=preserve_input_precision,
+    )
+    return out.astype(np.float64) / np.iinfo(out.dtype).max * 2 - 1  # what the step feeds the model
+
+
+def _encoded(array: np.ndarray, format: str) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format=format)
+    return buf.getvalue()
+
+
+# uint16 rounding is 0.5 / 65535 of the [0, 1] range, 1.5e-5 in [-1, 1]; torch and PIL resize in float32 agree
+# to ~1e-6 of the range. The 8-bit path is off by up to 1/255 (7.8e-3) — the precision the flag keeps.
+PRECISE_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_16bit_png_follows_diffusers_precision_path(mode):
+    values = np.random.default_rng(0).integers(0, 65536, (37, 50), dtype=np.uint16)
+    png = _encoded(values, "PNG")
+    decoded = np.asarray(PIL.Image.open(io.BytesIO(png)))
+    assert decoded.dtype == np.uint16  # what PILToTensor sees
+    reference = diffusers_precision_path(decoded, 16, channels=3 if mode == "RGB" else 1)
+    ours = _precise(png, 16, mode)
+    assert ours.shape == reference.shape == (16, 16, 3 if mode == "RGB" else 1)
+    assert np.abs(ours - reference).max() < PRECISE_ATOL
+    assert (
+        preprocess(
+            png,
+            resolution=16,
+            mode=mode,
+            center_crop=True,
+            random_flip=False,
+            rng=example_rng(0, 0, 0),
+            preserve_input_precision=True,
+        ).dtype
+        == np.uint16
+    )
+    assert np.abs(_precise(png, 16, mode, preserve_input_precision=False) - reference).max() > 1e-3
+
+
+def test_levels_closer_than_8_bits_stay_apart():
+    ramp = (30000 + np.arange(16 * 16).reshape(16, 16)).astype(np.uint16)  # 256 levels within one 8-bit step
+    png = _encoded(ramp, "PNG")
+    out = preprocess(
+        png,
+        resolution=16,
+        mode="L",
+        center_crop=True,
+        random_flip=False,
+        rng=example_rng(0, 0, 0),
+        preserve_input_precision=True,
+    )
+    np.testing.assert_array_equal(out[..., 0], ramp)  # no resize at 16: every level exactly
+    eight_bit = load_resized(png, 16, "L")
+    assert len(np.unique(eight_bit)) <= 2
+
+
+def test_float_tiff_and_16bit_rgb_arrays_follow_the_precision_path():
+    rng = np.random.default_rng(1)
+    floats = rng.random((30, 20), dtype=np.float32)
+    tiff = _encoded(floats, "TIFF")
+    assert PIL.Image.open(io.BytesIO(tiff)).mode == "F"
+    assert np.abs(_precise(tiff, 16) - diffusers_precision_path(floats, 16)).max() < PRECISE_ATOL
+    rgb16 = rng.integers(0, 65536, (24, 40, 3), dtype=np.uint16)  # a datasets Array3D column, say
+    assert np.abs(_precise(rgb16, 16) - diffusers_precision_path(rgb16, 16)).max() < PRECISE_ATOL
+
+
+def test_8bit_images_take_the_precision_path_without_8bit_rounding():
+    image = np.random.default_rng(2).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    png = _encoded(image, "PNG")
+    reference = diffusers_precision_path(image, 16)
+    assert np.abs(_precise(png, 16) - reference).max() < PRECISE_ATOL
+    # without the flag: the same image within the one 8-bit level PIL's uint8 resize rounds to
+    assert np.abs(_precise(png, 16, preserve_input_precision=False) - reference).max() < 2 / 255

@@ -12,17 +12,14 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from configs.default import get_config
+from uncond_flax.finite import all_finite, select_tree
+from uncond_flax.loss_scale import DynamicLossScale, NoLossScale, make_loss_scale
 from uncond_flax.optim import (
     LR_SCHEDULES,
-    DynamicLossScale,
-    NoLossScale,
-    all_finite,
     clip_by_global_norm_like_torch,
     lr_schedule,
     lr_schedule_for,
-    make_loss_scale,
     make_optimizer,
-    select_tree,
 )
 
 # (warmup, total): no warmup, short, warmup == total, warmup > total.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
 from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxSchedulerOutput
 
@@ -37,6 +38,39 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 
 def randn(seed: int, shape=NCHW, scale: float = 1.0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale)
+
+
+# diffusers' float32 results are not the same on every CPU: torch built with MKL hands float32 sqrt (and `x ** 0.5`,
+# which it turns into sqrt), exp and log to MKL's vector maths, which is within 1 ulp but not correctly rounded and
+# picks its code path by CPU (AVX-512, AVX2 and the path MKL takes on AMD or with MKL_ENABLE_INSTRUCTIONS=SSE4_2
+# each round some values differently). The schedules then cancel (1 - alpha_bar near 1; betas as 1 - a ratio),
+# which turns that ulp into ~1e-5 absolute. So the reference runs diffusers' own code in float32 with each of these
+# functions correctly rounded, as IEEE-754 specifies sqrt: worked in float64 and rounded once, which is exact for
+# sqrt and differs from correct rounding of exp/log only in the rarest ties. That is the same on every CPU, and it
+# is what our side computes (XLA's and numpy's float32 sqrt are correctly rounded), so parity stays at float32
+# rounding. Checked with MKL_ENABLE_INSTRUCTIONS=SSE4_2/AVX/AVX2, ATEN_CPU_CAPABILITY=avx2/default and
+# XLA_FLAGS=--xla_cpu_max_isa=AVX2/SSE4_2.
+_ELEMENTARY = frozenset({"sqrt", "rsqrt", "pow", "__pow__", "__rpow__", "exp", "log", "sigmoid", "cos", "sin"})
+
+
+class CorrectlyRoundedFloat32(torch.overrides.TorchFunctionMode):
+    """Inside, torch's float32 elementary functions return the float32 rounding of their float64 value."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _ELEMENTARY and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args
+        ):
+            wide = [a.double() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a for a in args]
+            return func(*wide, **kwargs).float()
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def correctly_rounded_reference():
+    """Every diffusers call in this module computes with correctly rounded elementary functions."""
+    with CorrectlyRoundedFloat32():
+        yield
 
 
 def assert_parity(ours, ref: torch.Tensor, nchw: bool = True) -> None:
@@ -75,15 +109,18 @@ def test_ddpm_tables_match(schedule_kwargs, rescale):
     kwargs = dict(schedule_kwargs, rescale_betas_zero_snr=rescale)
     ours, ref = FlaxDDPMScheduler.create(**kwargs), DDPMScheduler(**kwargs)
     np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
-    # Zero-SNR betas are 1 - alpha_bar[t] / alpha_bar[t-1] of recomputed alpha_bars: a 1-ulp difference in
-    # torch's (not correctly rounded) float32 sqrt becomes a few ulps of 1 there, so torch itself is only
-    # ~3e-6 from the exact float64 betas. alphas_cumprod above still meets 1e-6.
+    # torch.linspace's SIMD path (base + i * step per vector block) rounds some betas 1 ulp away from the scalar
+    # formula we replay; zero-SNR betas near the end are 1 - a ratio of tiny alpha_bars and amplify that to a
+    # few 1e-6. alphas_cumprod above still meets 1e-6, and the rescale itself is checked bit for bit below.
     table_tol = dict(rtol=0, atol=5e-6) if rescale else dict(rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ours.betas), ref.betas.numpy(), **table_tol)
     np.testing.assert_allclose(np.asarray(ours.alphas), ref.alphas.numpy(), **table_tol)
     assert ours.alphas_cumprod.dtype == jnp.float32
     if rescale:
         assert float(ours.alphas_cumprod[-1]) == 0.0
+        # From the same float32 betas, diffusers' rescale (correctly rounded) and ours agree to the bit.
+        plain_betas = np.array(FlaxDDPMScheduler.create(**schedule_kwargs).betas)
+        np.testing.assert_array_equal(np.asarray(ours.betas), rescale_zero_terminal_snr(torch.from_numpy(plain_betas)))
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])

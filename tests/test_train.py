@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -14,7 +16,9 @@ from uncond_flax.data import build_train_loader
 from uncond_flax.optim import make_optimizer
 from uncond_flax.parallel import make_mesh
 from uncond_flax.step import make_train_step
-from uncond_flax.train import create_train_state, noise_scheduler_for, resolve_config, train_and_evaluate
+from uncond_flax.config import noise_scheduler_for, resolve_config
+from uncond_flax.train import train_and_evaluate
+from uncond_flax.train_state import create_train_state
 
 from fixtures import tiny_digits
 
@@ -40,18 +44,24 @@ def read_metrics(config):
         return [json.loads(line) for line in f]
 
 
+def build_step(config, mesh):
+    """(fresh TrainState, jitted train step) for a resolved `config` on `mesh`."""
+    tx = make_optimizer(config, 100)
+    graphdef, _, state, _ = create_train_state(config, mesh, tx)
+    step = jax.jit(
+        make_train_step(
+            graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config), config=config
+        )
+    )
+    return state, step
+
+
 def run_steps(config, mesh, steps, state=None, with_metrics=False):
     """Train `steps` optimizer steps with the real loader and step on `mesh` (from `state` if given)."""
     config = resolve_config(config)
     with build_train_loader(config, mesh) as loader:
-        tx = make_optimizer(config, 100)
-        graphdef, _, fresh, _ = create_train_state(config, mesh, tx)
+        fresh, step = build_step(config, mesh)
         state = fresh if state is None else state
-        step = jax.jit(
-            make_train_step(
-                graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config), config=config
-            )
-        )
         metrics = []
         for _ in range(steps):
             state, m = step(state, next(loader)["images"])
@@ -126,20 +136,40 @@ def test_training_lowers_the_loss_and_writes_diffusers_outputs(tmp_path, monkeyp
     assert os.path.isfile(os.path.join(out, "README.md"))
 
 
+def assert_same_training(expected, other):
+    """Two `run_steps(..., with_metrics=True)` results took the same steps: same losses, same gradients, same
+    weights, up to the order of floating-point sums.
+
+    The weights alone would not tell: clipping to norm 1 and Adam's division by sqrt(v) make them blind to a
+    constant factor on the gradient (a sum where a mean belongs). So the pre-clipping gradient norm of every
+    step and Adam's first moment (a running mean of the clipped gradients) are compared too.
+    """
+    (state_a, metrics_a), (state_b, metrics_b) = expected, other
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([float(m[key]) for m in metrics_b], [float(m[key]) for m in metrics_a], rtol=1e-5)
+    mu_a, mu_b = (jax.tree.leaves(optax.tree_utils.tree_get(s.opt_state, "mu")) for s in (state_a, state_b))
+    # Relative to the largest entry: some gradients (biases ahead of a GroupNorm) are 0 up to rounding.
+    scale = max(np.abs(np.asarray(a)).max() for a in mu_a)
+    for a, b in zip(mu_a, mu_b, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
+    # Adam divides by sqrt(v), which can magnify rounding on near-zero gradients, so the weights are compared to
+    # a small fraction of the updates' size (lr = 1e-3 per step).
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=3e-5)
+
+
 def test_data_parallel_and_fsdp_equal_one_device(tmp_path):
     assert jax.device_count() == 8
     # Same global batch (16): 2 per device on 8 devices, 16 on one.
-    on_8 = run_steps(tiny_config(tmp_path, train_batch_size=2), make_mesh(), 3)
-    fsdp = run_steps(tiny_config(tmp_path, train_batch_size=2, fsdp=2), make_mesh(fsdp=2), 3)
-    on_1 = run_steps(tiny_config(tmp_path, train_batch_size=16), make_mesh(devices=jax.devices()[:1]), 3)
-    sharded = [p for p in jax.tree.leaves(fsdp.params) if not p.sharding.is_fully_replicated]
+    on_8 = run_steps(tiny_config(tmp_path, train_batch_size=2), make_mesh(), 3, with_metrics=True)
+    fsdp = run_steps(tiny_config(tmp_path, train_batch_size=2, fsdp=2), make_mesh(fsdp=2), 3, with_metrics=True)
+    on_1 = run_steps(
+        tiny_config(tmp_path, train_batch_size=16), make_mesh(devices=jax.devices()[:1]), 3, with_metrics=True
+    )
+    sharded = [p for p in jax.tree.leaves(fsdp[0].params) if not p.sharding.is_fully_replicated]
     assert sharded, "fsdp=2 should shard the larger weights"
-    # Only the order of floating-point reductions differs (gradient all-reduce over 8 shards vs one sum);
-    # Adam divides by sqrt(v), which can magnify that rounding on near-zero gradients, so compare to a small
-    # fraction of the 3 updates' size (3 * lr = 3e-3).
-    for other in (fsdp, on_1):
-        for a, b in zip(jax.tree.leaves(on_8.params), jax.tree.leaves(other.params), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
+    assert_same_training(on_1, on_8)
+    assert_same_training(on_1, fsdp)
 
 
 def test_accumulation_of_4x4_equals_one_batch_of_16(tmp_path):
@@ -154,20 +184,47 @@ def test_accumulation_of_4x4_equals_one_batch_of_16(tmp_path):
             a, b = np.asarray(next(big)["images"]), np.asarray(next(small)["images"])
             assert a.shape == (1, 16, 8, 8, 1) and b.shape == (4, 4, 8, 8, 1)
             np.testing.assert_array_equal(a.reshape(16, -1), b.reshape(16, -1))
-    one_big = run_steps(tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=1), make_mesh(), 2)
+    one_big = run_steps(
+        tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=1), make_mesh(), 2, with_metrics=True
+    )
     # 4 micro-batches of 4 (on 1 device, to keep the global batch at 16).
     accum = run_steps(
         tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4),
         make_mesh(devices=jax.devices()[:1]),
         2,
+        with_metrics=True,
     )
-    for a, b in zip(jax.tree.leaves(one_big.params), jax.tree.leaves(accum.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3e-5)
+    assert_same_training(one_big, accum)
+
+
+def layer_matmul_types(hlo_text):
+    """For each convolution and unbatched matmul (dense layer, or a convolution XLA:CPU runs as one) of a lowered
+    StableHLO program: the element types it multiplies. Attention's batched matmuls are left out."""
+    types = []
+    for line in hlo_text.splitlines():
+        layer = "stablehlo.convolution" in line or ("stablehlo.dot_general" in line and "batching_dims" not in line)
+        if not layer:
+            continue
+        # A dot may name its precision (bf16 inputs, f32 accumulation) while an operand is still f32.
+        algorithm = re.search(r"lhs_precision_type = (\w+), rhs_precision_type = (\w+)", line)
+        if algorithm:
+            types.append(frozenset(algorithm.groups()))
+        else:
+            operands = line.rsplit(" : (", 1)[1].split(") ->")[0]
+            types.append(frozenset(t.rsplit("x", 1)[-1] for t in re.findall(r"tensor<([^>]*)>", operands)))
+    return types
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_with_float32_master_weights(tmp_path, precision):
     config = tiny_config(tmp_path, mixed_precision=precision)
+    # The step computes in the 16-bit type: every convolution and dense layer, forward and backward, multiplies
+    # 16-bit numbers. (Attention is left out: its softmax is float32 by design, as diffusers' upcast_softmax, and
+    # XLA:CPU has no float16 matmul into float32, so there the fp16 attention block runs in float32.)
+    state, step = build_step(resolve_config(config), make_mesh())
+    images = jax.ShapeDtypeStruct((1, 16, 8, 8, 1), np.uint8)
+    types = layer_matmul_types(step.lower(state, images).as_text())
+    assert len(types) > 20 and set(types) == {frozenset({"bf16" if precision == "bf16" else "f16"})}, types
     state, metrics = run_steps(config, make_mesh(), 3, with_metrics=True)
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(state.params))
@@ -194,41 +251,23 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
-    from uncond_flax.train import _StepLog
+def test_consecutive_non_finite_steps_stop_the_run():
+    from uncond_flax.metrics import NonFiniteStop, StepLogger
 
     class Writer:
         def scalars(self, step, values):
             self.last = (step, values)
 
-    log = _StepLog(Writer(), images_per_step=16, config=tiny_config(tmp_path, max_consecutive_skips=3))
+    writer = Writer()
+    log = StepLogger(
+        writer, images_per_step=16, total_steps=10, every=1, max_consecutive_skips=3, use_ema=False, interactive=False
+    )
+    nan_metrics = dict(loss=np.nan, lr=0.0, ema_decay=0.0, grad_norm=np.nan)
     for step, consecutive in enumerate([1, 2, 0, 1, 2], start=1):
-        log.push(
-            step,
-            {
-                "loss": np.nan,
-                "lr": 0.0,
-                "ema_decay": 0.0,
-                "grad_norm": np.nan,
-                "skipped_steps": step,
-                "consecutive_skips": consecutive,
-            },
-            bar=None,
-        )
-    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
-        log.push(
-            6,
-            {
-                "loss": np.nan,
-                "lr": 0.0,
-                "ema_decay": 0.0,
-                "grad_norm": np.nan,
-                "skipped_steps": 6,
-                "consecutive_skips": 3,
-            },
-            bar=None,
-        )
-        log.drain()
+        log.push(step, dict(nan_metrics, skipped_steps=step, consecutive_skips=consecutive))
+    assert writer.last[0] == 5 and "ema_decay" not in writer.last[1]
+    with pytest.raises(NonFiniteStop, match="3 consecutive steps had a non-finite loss"):
+        log.push(6, dict(nan_metrics, skipped_steps=6, consecutive_skips=3))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +293,11 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
         ),
         (dict(**{"model.down_block_types": ("SkipDownBlock2D",)}), "SkipDownBlock2D"),
         (dict(fsdp=3), "fsdp=3"),
+        (dict(checkpointing_steps=-5), "checkpointing_steps=-5 must be an integer >= 0"),
+        (dict(max_consecutive_skips=0), "max_consecutive_skips=0 must be an integer >= 1"),
+        (dict(log_every=0), "log_every=0"),
+        (dict(**{"model.num_class_embeds": 10}), "model.num_class_embeds=10 makes a class-conditional UNet"),
+        (dict(**{"model.class_embed_type": "timestep"}), "model.class_embed_type='timestep'"),
     ],
 )
 def test_bad_config_fails_before_compiling(tmp_path, override, message):

@@ -12,6 +12,8 @@ from flax import nnx
 
 from uncond_flax.export import from_state_dict, load_unet, save_pipeline, save_unet, unet_from_state_dict
 from uncond_flax.models import FlaxUNet2DModel
+from uncond_flax.models.attention import Attention
+from uncond_flax.models.layers import CONV_IMPLS, implementations
 
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
@@ -303,3 +305,43 @@ def test_load_unet_from_a_hub_repo_id(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="'someone/other' is not a local folder and could not be fetched"):
         load_unet("someone/other")
+
+
+@pytest.mark.parametrize("conv, attention", [("conv", "xla"), ("matmul", "per_head")])
+def test_compute_implementations_match_diffusers_forward_and_gradient(conv, attention):
+    # Stride-2 convs with diffusers' bottom/right padding, 1x1 shortcuts, attention over 64 and 16 tokens.
+    config = CONFIGS["resnet_up_down_padding0"]
+    torch_model = randomized_torch_unet(config, seed=17)
+    x, t, _ = _inputs(config)
+    probe = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    x_torch = nchw(x).requires_grad_(True)
+    out_torch = torch_model(x_torch, torch.from_numpy(t)).sample
+    (out_torch * nchw(probe)).sum().backward()
+
+    with implementations(conv=conv, attention=attention):
+        ours = unet_from_state_dict(config, {k: v.numpy() for k, v in torch_model.state_dict().items()})
+    assert {a.impl for a in _attention_modules(ours)} == {attention}
+    assert {c.conv_general_dilated for c in _conv_modules(ours)} == {CONV_IMPLS[conv]}
+
+    @nnx.jit
+    def out_and_input_grad(model, x):
+        out, vjp = jax.vjp(lambda x: model(x, jnp.asarray(t)), x)
+        return out, vjp(jnp.asarray(probe))[0]
+
+    out, grad = out_and_input_grad(ours, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), nhwc(out_torch), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(grad), nhwc(x_torch.grad), atol=1e-4, rtol=0)
+
+
+def test_unknown_compute_implementation_is_a_clear_error():
+    for kind, name in (("conv", "winograd"), ("attention", "flash")):
+        with pytest.raises(ValueError, match=f"{kind} implementation '{name}' is not supported; choose one of"):
+            implementations(**{kind: name}).__enter__()
+
+
+def _attention_modules(model):
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+
+
+def _conv_modules(model):
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]

@@ -5,7 +5,7 @@ starts at 0 (diffusers' ``optimization_step``) and the EMA params, initialised a
 params. Once per optimizer update (every ``accelerator.sync_gradients`` step), after the params were updated::
 
     ema_step = ema_step + 1                              # diffusers increments first ...
-    ema_params, decay = ema_step_update(ema_params, params, ema_step, inv_gamma=..., power=..., max_decay=...)
+    ema_params, decay = EmaSchedule(inv_gamma=..., power=..., max_decay=...).update(ema_params, params, ema_step)
     # ... then uses get_decay(ema_step): ema_step 1 has decay 0, so the first update copies the params.
     # `decay` is what the script logs as "ema_decay" (EMAModel.cur_decay_value).
 
@@ -20,62 +20,51 @@ precision, while torch forms ``1 - decay`` in float64), so prefer it in the trai
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def _warmup_step(optimization_step: jax.Array, update_after_step: int) -> jax.Array:
-    return jnp.maximum(0, jnp.asarray(optimization_step, jnp.int32) - update_after_step - 1)
+@dataclasses.dataclass(frozen=True)
+class EmaSchedule:
+    """diffusers' ``EMAModel`` decay options, with its defaults (the script sets the first three from its flags)."""
 
+    inv_gamma: float = 1.0
+    power: float = 0.75
+    max_decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_warmup: bool = True
 
-def ema_one_minus_decay(
-    optimization_step: jax.Array,
-    *,
-    inv_gamma: float = 1.0,
-    power: float = 0.75,
-    max_decay: float = 0.9999,
-    min_decay: float = 0.0,
-    update_after_step: int = 0,
-    use_warmup: bool = True,
-) -> jax.Array:
-    """``1 - ema_decay(...)`` in float32, computed directly so it keeps full relative precision as decay -> 1."""
-    step = _warmup_step(optimization_step, update_after_step)
-    stepf = step.astype(jnp.float32)
-    if use_warmup:
-        one_minus = (1.0 + stepf / inv_gamma) ** (-float(power))
-    else:
-        # 1 - (1 + step) / (10 + step)
-        one_minus = 9.0 / (10.0 + stepf)
-    # min(decay, max_decay) then max(decay, min_decay), in 1 - decay terms; 1 - max_decay is taken in float64 first.
-    one_minus = jnp.maximum(one_minus, 1.0 - float(max_decay))
-    one_minus = jnp.minimum(one_minus, 1.0 - float(min_decay))
-    # diffusers returns decay 0 for step <= 0 before clamping (so min_decay does not apply there).
-    return jnp.where(step <= 0, 1.0, one_minus).astype(jnp.float32)
+    @classmethod
+    def from_config(cls, config: Any) -> EmaSchedule:
+        """What train_unconditional.py passes: ``--ema_inv_gamma``, ``--ema_power``, ``--ema_max_decay``."""
+        return cls(inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
 
+    def one_minus_decay(self, optimization_step: jax.Array) -> jax.Array:
+        """``1 - decay`` in float32, computed directly so it keeps full relative precision as decay -> 1."""
+        step = jnp.maximum(0, jnp.asarray(optimization_step, jnp.int32) - self.update_after_step - 1)
+        stepf = step.astype(jnp.float32)
+        if self.use_warmup:
+            one_minus = (1.0 + stepf / self.inv_gamma) ** (-float(self.power))
+        else:
+            one_minus = 9.0 / (10.0 + stepf)  # 1 - (1 + step) / (10 + step)
+        # min(decay, max_decay) then max(decay, min_decay), in 1 - decay terms; 1 - max_decay is taken in float64.
+        one_minus = jnp.maximum(one_minus, 1.0 - float(self.max_decay))
+        one_minus = jnp.minimum(one_minus, 1.0 - float(self.min_decay))
+        # diffusers returns decay 0 for step <= 0 before clamping (so min_decay does not apply there).
+        return jnp.where(step <= 0, 1.0, one_minus).astype(jnp.float32)
 
-def ema_decay(
-    optimization_step: jax.Array,
-    *,
-    inv_gamma: float = 1.0,
-    power: float = 0.75,
-    max_decay: float = 0.9999,
-    min_decay: float = 0.0,
-    update_after_step: int = 0,
-    use_warmup: bool = True,
-) -> jax.Array:
-    """diffusers' ``EMAModel.get_decay(optimization_step)`` in float32 (step is 1-based: already incremented)."""
-    one_minus = ema_one_minus_decay(
-        optimization_step,
-        inv_gamma=inv_gamma,
-        power=power,
-        max_decay=max_decay,
-        min_decay=min_decay,
-        update_after_step=update_after_step,
-        use_warmup=use_warmup,
-    )
-    return (1.0 - one_minus).astype(jnp.float32)
+    def decay(self, optimization_step: jax.Array) -> jax.Array:
+        """``EMAModel.get_decay(optimization_step)`` in float32 (step is 1-based: already incremented)."""
+        return (1.0 - self.one_minus_decay(optimization_step)).astype(jnp.float32)
+
+    def update(self, ema_params: Any, params: Any, optimization_step: jax.Array) -> tuple[Any, jax.Array]:
+        """``EMAModel.step`` for an already-incremented step: ``(new_ema_params, decay)``."""
+        one_minus = self.one_minus_decay(optimization_step)
+        return _update(ema_params, params, one_minus), (1.0 - one_minus).astype(jnp.float32)
 
 
 def _update(ema_params: Any, params: Any, one_minus_decay: jax.Array) -> Any:
@@ -86,34 +75,26 @@ def _update(ema_params: Any, params: Any, one_minus_decay: jax.Array) -> Any:
     return jax.tree_util.tree_map(leaf, ema_params, params)
 
 
-def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
-    """One EMA step per leaf: ``ema - (1 - decay) * (ema - param)`` in the EMA leaf's dtype."""
-    return _update(ema_params, params, 1.0 - jnp.asarray(decay, jnp.float32))
+def ema_one_minus_decay(optimization_step: jax.Array, **schedule: Any) -> jax.Array:
+    """``1 - ema_decay(...)``; keyword arguments are ``EmaSchedule``'s fields."""
+    return EmaSchedule(**schedule).one_minus_decay(optimization_step)
+
+
+def ema_decay(optimization_step: jax.Array, **schedule: Any) -> jax.Array:
+    """diffusers' ``EMAModel.get_decay``; keyword arguments are ``EmaSchedule``'s fields."""
+    return EmaSchedule(**schedule).decay(optimization_step)
 
 
 def ema_step_update(
-    ema_params: Any,
-    params: Any,
-    optimization_step: jax.Array,
-    *,
-    inv_gamma: float = 1.0,
-    power: float = 0.75,
-    max_decay: float = 0.9999,
-    min_decay: float = 0.0,
-    update_after_step: int = 0,
-    use_warmup: bool = True,
+    ema_params: Any, params: Any, optimization_step: jax.Array, **schedule: Any
 ) -> tuple[Any, jax.Array]:
-    """``EMAModel.step`` for an already-incremented ``optimization_step``: returns ``(new_ema_params, decay)``."""
-    one_minus = ema_one_minus_decay(
-        optimization_step,
-        inv_gamma=inv_gamma,
-        power=power,
-        max_decay=max_decay,
-        min_decay=min_decay,
-        update_after_step=update_after_step,
-        use_warmup=use_warmup,
-    )
-    return _update(ema_params, params, one_minus), (1.0 - one_minus).astype(jnp.float32)
+    """``EMAModel.step``: ``(new_ema_params, decay)``; keyword arguments are ``EmaSchedule``'s fields."""
+    return EmaSchedule(**schedule).update(ema_params, params, optimization_step)
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
+    """One EMA step per leaf: ``ema - (1 - decay) * (ema - param)`` in the EMA leaf's dtype."""
+    return _update(ema_params, params, 1.0 - jnp.asarray(decay, jnp.float32))
 
 
 def init_ema_params(params: Any) -> Any:
@@ -121,4 +102,4 @@ def init_ema_params(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
 
 
-__all__ = ["ema_decay", "ema_one_minus_decay", "ema_update", "ema_step_update", "init_ema_params"]
+__all__ = ["EmaSchedule", "ema_decay", "ema_one_minus_decay", "ema_update", "ema_step_update", "init_ema_params"]

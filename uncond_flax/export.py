@@ -6,16 +6,18 @@ PyTorch, linear kernels are (in, out) here and (out, in) there, and norm `scale`
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uncond_flax import storage
 from uncond_flax.models import FlaxUNet2DModel
 from uncond_flax.schedulers import DIFFUSERS_VERSION, FlaxDDPMScheduler
 
@@ -112,15 +114,16 @@ def unet_from_state_dict(
 
 
 def _resolve_unet_dir(path_or_repo_id: str, subfolder: str | None) -> str:
-    if not os.path.isdir(path_or_repo_id):
+    """The folder (local path or URL) holding the UNet's config.json; a name that is neither is a Hub repo id."""
+    if not storage.is_remote(path_or_repo_id) and not storage.isdir(path_or_repo_id):
         path_or_repo_id = _download(path_or_repo_id, subfolder)
     if subfolder:
-        folder = os.path.join(path_or_repo_id, subfolder)
-    elif os.path.isfile(os.path.join(path_or_repo_id, "unet", "config.json")):
-        folder = os.path.join(path_or_repo_id, "unet")
+        folder = storage.join(path_or_repo_id, subfolder)
+    elif storage.isfile(storage.join(path_or_repo_id, "unet", "config.json")):
+        folder = storage.join(path_or_repo_id, "unet")
     else:
         folder = path_or_repo_id
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    if not storage.isfile(storage.join(folder, "config.json")):
         raise FileNotFoundError(
             f"no UNet config.json in {folder} (expected a pipeline folder with unet/ or a unet folder)"
         )
@@ -130,11 +133,12 @@ def _resolve_unet_dir(path_or_repo_id: str, subfolder: str | None) -> str:
 def _download(repo_id: str, subfolder: str | None) -> str:
     from huggingface_hub import snapshot_download
 
-    prefixes = [subfolder] if subfolder else ["unet", ""]
+    # A whole pipeline: its unet and its scheduler (how it was trained to be sampled), not other components.
+    prefixes = [subfolder] if subfolder else ["unet", "scheduler", ""]
     patterns = [f"{p}/*" if p else "*.json" for p in prefixes] + [f"{WEIGHTS_NAME}*"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo, gated repo: one line, not a traceback forest
+    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, gated repo: one line, not a traceback forest
         raise FileNotFoundError(
             f"{repo_id!r} is not a local folder and could not be fetched from the Hub: {e}"
         ) from None
@@ -142,16 +146,17 @@ def _download(repo_id: str, subfolder: str | None) -> str:
 
 def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
     suffix = f".{variant}" if variant else ""
-    st_file = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}.safetensors")
-    bin_file = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}.bin")
-    if os.path.isfile(st_file):
-        from safetensors.numpy import load_file
+    st_file = storage.join(folder, f"{WEIGHTS_NAME}{suffix}.safetensors")
+    bin_file = storage.join(folder, f"{WEIGHTS_NAME}{suffix}.bin")
+    if storage.isfile(st_file):
+        from safetensors.numpy import load
 
+        data = storage.read_bytes(st_file)
         try:
-            return load_file(st_file)
+            return load(data)
         except (TypeError, ValueError):  # bf16 tensors have no numpy dtype in safetensors.numpy
-            return _load_safetensors_via_flax(st_file)
-    if os.path.isfile(bin_file):
+            return _load_safetensors_via_flax(data)
+    if storage.isfile(bin_file):
         try:
             import torch
         except ImportError:
@@ -159,20 +164,19 @@ def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
                 f"{bin_file} is a PyTorch pickle; reading it needs torch (pip install torch), "
                 "or convert it to safetensors first"
             ) from None
-        sd = torch.load(bin_file, map_location="cpu", weights_only=True)
+        sd = torch.load(io.BytesIO(storage.read_bytes(bin_file)), map_location="cpu", weights_only=True)
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
     raise FileNotFoundError(f"no {WEIGHTS_NAME}{suffix}.safetensors or .bin in {folder}")
 
 
-def _load_safetensors_via_flax(path: str) -> dict[str, np.ndarray]:
-    from safetensors.flax import load_file
+def _load_safetensors_via_flax(data: bytes) -> dict[str, np.ndarray]:
+    from safetensors.flax import load
 
-    return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_file(path).items()}
+    return {k: np.asarray(v.astype(jnp.float32)) for k, v in load(data).items()}
 
 
 def _read_unet_config(folder: str) -> dict[str, Any]:
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    config = json.loads(storage.read_text(storage.join(folder, "config.json")))
     class_name = config.get("_class_name", "UNet2DModel")
     if class_name != "UNet2DModel":
         raise ValueError(f"{folder}/config.json describes a {class_name}, not a UNet2DModel")
@@ -180,8 +184,21 @@ def _read_unet_config(folder: str) -> dict[str, Any]:
 
 
 def load_unet_config(path_or_repo_id: str, subfolder: str | None = None) -> dict[str, Any]:
-    """The UNet2DModel config.json of a pipeline folder, a unet folder or a Hub repo id (no weights read)."""
+    """The UNet2DModel config.json of a pipeline folder, a unet folder (local or a URL such as gs://…) or a Hub
+    repo id (no weights read)."""
     return _read_unet_config(_resolve_unet_dir(str(path_or_repo_id), subfolder))
+
+
+def load_scheduler_config(path_or_repo_id: str) -> dict[str, Any] | None:
+    """`scheduler/scheduler_config.json` of a pipeline folder (local or a URL) or a Hub repo id (in a flat repo,
+    `scheduler_config.json` beside the unet's config.json, as diffusers also reads it); None where there is none."""
+    root = str(path_or_repo_id)
+    if not storage.is_remote(root) and not storage.isdir(root):
+        root = _download(root, None)
+    for path in (storage.join(root, "scheduler", "scheduler_config.json"), storage.join(root, "scheduler_config.json")):
+        if storage.isfile(path):
+            return json.loads(storage.read_text(path))
+    return None
 
 
 def load_unet(
@@ -192,29 +209,29 @@ def load_unet(
     param_dtype=jnp.float32,
     variant: str | None = None,
 ) -> FlaxUNet2DModel:
-    """A FlaxUNet2DModel with weights from a diffusers pipeline folder, a unet folder, or a Hub repo id."""
+    """A FlaxUNet2DModel with weights from a diffusers pipeline folder, a unet folder (local or a URL such as
+    gs://…), or a Hub repo id."""
     folder = _resolve_unet_dir(str(path_or_repo_id), subfolder)
     config = _read_unet_config(folder)
     return unet_from_state_dict(config, _read_weights(folder, variant), dtype=dtype, param_dtype=param_dtype)
 
 
 def _write_json(path: str, obj: Mapping[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_unet(out_dir: str, model: FlaxUNet2DModel, state: nnx.State | None = None) -> None:
-    """Write `config.json` and `diffusion_pytorch_model.safetensors` (PyTorch layout) into `out_dir`."""
-    from safetensors.numpy import save_file
+    """Write `config.json` and `diffusion_pytorch_model.safetensors` (PyTorch layout) into `out_dir` (a local
+    folder or a URL); each file whole or not at all, with the mode the umask gives."""
+    from safetensors.numpy import save
 
-    os.makedirs(out_dir, exist_ok=True)
+    tensors = to_state_dict(model if state is None else state)
+    # save() to bytes and our atomic write, not save_file: its own atomic write leaves the file mode 0600.
+    storage.write_bytes(storage.join(out_dir, f"{WEIGHTS_NAME}.safetensors"), save(tensors, metadata={"format": "pt"}))
     _write_json(
-        os.path.join(out_dir, "config.json"),
+        storage.join(out_dir, "config.json"),
         {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **model.config},
     )
-    tensors = to_state_dict(model if state is None else state)
-    save_file(tensors, os.path.join(out_dir, f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
 
 
 def save_pipeline(
@@ -222,16 +239,19 @@ def save_pipeline(
 ) -> None:
     """Write a diffusers `DDPMPipeline` folder (model_index.json, unet/, scheduler/) loadable without us.
 
-    `state` overrides the model's own weights (e.g. EMA params); `scheduler` defaults to DDPM's defaults.
+    `out_dir` is a local folder or a URL (gs://…). `state` overrides the model's own weights (e.g. EMA params);
+    `scheduler` defaults to DDPM's defaults.
     """
     if scheduler is None:
         scheduler = FlaxDDPMScheduler.create()
     scheduler_config = scheduler.to_config()
     if model.config["sample_size"] is None:
         logger.warning("unet sample_size is None: DDPMPipeline needs it to pick the image size")
-    os.makedirs(out_dir, exist_ok=True)
+    save_unet(storage.join(out_dir, "unet"), model, state)
+    _write_json(storage.join(out_dir, "scheduler", "scheduler_config.json"), scheduler_config)
+    # model_index.json last: from_pretrained needs it, so a folder that has it has the rest.
     _write_json(
-        os.path.join(out_dir, "model_index.json"),
+        storage.join(out_dir, "model_index.json"),
         {
             "_class_name": "DDPMPipeline",
             "_diffusers_version": DIFFUSERS_VERSION,
@@ -239,6 +259,3 @@ def save_pipeline(
             "unet": ["diffusers", "UNet2DModel"],
         },
     )
-    save_unet(os.path.join(out_dir, "unet"), model, state)
-    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler_config)

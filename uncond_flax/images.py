@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from uncond_flax import storage
 
 
 def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
@@ -29,6 +31,8 @@ def make_grid(images_BHWC: np.ndarray, cols: int | None = None, pad: int = 2) ->
 
 
 def save_grid(images_BHWC: np.ndarray, path: str, cols: int | None = None, pad: int = 2) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    make_grid(images_BHWC, cols, pad).save(path)
+    """Write the grid as a PNG to `path` (a local path or a URL such as gs://…, whole or not at all); returns it."""
+    png = io.BytesIO()
+    make_grid(images_BHWC, cols, pad).save(png, format="PNG")
+    storage.write_bytes(path, png.getvalue())
     return path

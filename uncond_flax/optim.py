@@ -7,31 +7,17 @@ first update therefore runs at ``lambda(0)``, which is 0 for every warmup schedu
 What the script logs as ``lr`` is read *after* ``lr_scheduler.step()``, i.e. the lr of the next update:
 ``lr_schedule_for(config, num_training_steps)(count)`` with ``count`` = updates applied so far, including this one.
 
-fp16 (``torch.amp.GradScaler`` defaults, as accelerate uses them). A train step that reproduces it::
-
-    loss_scale = state.loss_scale                       # DynamicLossScale or NoLossScale
-    grads = jax.grad(lambda p: loss_scale.scale_loss(loss_fn(p)))(params)
-    grads = loss_scale.unscale(grads)
-    finite = all_finite(grads)                          # uncond_flax.step skips non-finite steps in every precision
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # GradScaler skips optimizer.step() on overflow, and accelerate then skips lr_scheduler.step() too:
-    # keeping the old opt_state keeps both optax counts (Adam's and the schedule's) where they were.
-    params, opt_state = select_tree(finite, (new_params, new_opt_state), (params, opt_state))
-    loss_scale = loss_scale.update(finite)
-
-(The script's ``ema_model.step`` still runs on a skipped step: see ``uncond_flax.ema``.)
+fp16 loss scaling lives in ``uncond_flax.loss_scale``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -163,124 +149,3 @@ def make_optimizer(config: Any, num_training_steps: int) -> optax.GradientTransf
             mask=None,
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss scaling
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """Scalar bool: no inf/nan in any leaf (True for an empty tree)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
-
-
-def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    """Leafwise ``jnp.where(pred, a, b)`` over two pytrees of the same structure (pred a scalar bool)."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-@struct.dataclass
-class DynamicLossScale:
-    """``torch.amp.GradScaler``'s dynamic loss scale: back off on overflow, grow after growth_interval good steps."""
-
-    scale: jax.Array  # float32 scalar
-    good_steps: jax.Array  # int32 scalar; GradScaler's _growth_tracker
-    growth_factor: float = struct.field(pytree_node=False, default=2.0)
-    backoff_factor: float = struct.field(pytree_node=False, default=0.5)
-    growth_interval: int = struct.field(pytree_node=False, default=2000)
-
-    is_dynamic: ClassVar[bool] = True
-
-    @classmethod
-    def create(
-        cls,
-        init_scale: float = 2.0**16,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 2000,
-    ) -> "DynamicLossScale":
-        """A fresh scale with GradScaler's defaults."""
-        return cls(
-            scale=jnp.asarray(init_scale, jnp.float32),
-            good_steps=jnp.zeros((), jnp.int32),
-            growth_factor=float(growth_factor),
-            backoff_factor=float(backoff_factor),
-            growth_interval=int(growth_interval),
-        )
-
-    def scale_loss(self, loss: jax.Array) -> jax.Array:
-        """``loss * scale`` in float32, as GradScaler's fp32 scale promotes a 0-d loss (2**16 overflows fp16)."""
-        return _f32(loss) * self.scale
-
-    def unscale(self, grads: Any) -> Any:
-        """Multiply every leaf by ``1 / scale`` (computed in float32, cast back to the leaf's dtype)."""
-        inv = 1.0 / self.scale
-        return jax.tree_util.tree_map(lambda g: (_f32(g) * inv).astype(g.dtype), grads)
-
-    def update(self, grads_finite: jax.Array) -> "DynamicLossScale":
-        """GradScaler.update(): scale *= backoff and reset on overflow; else count, growing every growth_interval."""
-        grads_finite = jnp.asarray(grads_finite, jnp.bool_)
-        good = self.good_steps + 1
-        grow = good >= self.growth_interval
-        grown = self.scale * self.growth_factor
-        # GradScaler keeps the old scale if growing it would overflow float32.
-        grown = jnp.where(jnp.isfinite(grown), grown, self.scale)
-        scale = jnp.where(grads_finite, jnp.where(grow, grown, self.scale), self.scale * self.backoff_factor)
-        good_steps = jnp.where(grads_finite & ~grow, good, 0).astype(jnp.int32)
-        return self.replace(scale=scale.astype(jnp.float32), good_steps=good_steps)
-
-
-@struct.dataclass
-class NoLossScale:
-    """Stand-in for fp32 / bf16: identity scaling, no state (torch has no GradScaler there)."""
-
-    is_dynamic: ClassVar[bool] = False
-
-    @classmethod
-    def create(cls) -> "NoLossScale":
-        """The (stateless) no-op loss scale."""
-        return cls()
-
-    def scale_loss(self, loss: jax.Array) -> jax.Array:
-        """The loss, unchanged."""
-        return loss
-
-    def unscale(self, grads: Any) -> Any:
-        """The grads, unchanged."""
-        return grads
-
-    def update(self, grads_finite: jax.Array) -> "NoLossScale":
-        """No state to update."""
-        del grads_finite
-        return self
-
-
-LossScale = DynamicLossScale | NoLossScale
-
-
-def make_loss_scale(mixed_precision: str) -> LossScale:
-    """``DynamicLossScale.create()`` for ``"fp16"``, ``NoLossScale()`` for ``"no"`` / ``"bf16"``."""
-    if mixed_precision == "fp16":
-        return DynamicLossScale.create()
-    if mixed_precision in ("no", "bf16"):
-        return NoLossScale()
-    raise ValueError(f"Unknown mixed_precision {mixed_precision!r}; choose one of no, fp16, bf16.")
-
-
-__all__: list[str] = [
-    "LR_SCHEDULES",
-    "lr_schedule",
-    "lr_schedule_for",
-    "global_norm_like_torch",
-    "clip_by_global_norm_like_torch",
-    "make_optimizer",
-    "all_finite",
-    "select_tree",
-    "DynamicLossScale",
-    "NoLossScale",
-    "LossScale",
-    "make_loss_scale",
-]

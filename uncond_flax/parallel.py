@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import sys
+import threading
+import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 logger = logging.getLogger(__name__)
 
@@ -16,24 +23,155 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
+def distributed_mode(value: Any) -> str | bool:
+    """The `distributed` field as "auto", True or False (config files and overrides may give strings)."""
+    if isinstance(value, bool):
+        return value
+    mode = {"auto": "auto", "true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else None
+    if mode is None:
+        raise ValueError(f"distributed={value!r}: use auto (join a cluster when one is found), True or False")
+    return mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A multi-process launch found in the environment.
+
+    `detected_by_jax`: `jax.distributed.initialize()` finds its coordinator, size and rank itself; otherwise
+    `num_processes` / `process_id` are what we pass it.
+    """
+
+    name: str
+    num_processes: int | None
+    process_id: int | None = None
+    detected_by_jax: bool = True
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> Cluster | None:
+    """The launch this process is part of (TPU pod slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS), else None.
+
+    Reads environment variables only, except on a Cloud TPU VM, where the worker list comes from the VM's
+    metadata server as in JAX's own detection; a v4-8 / v5e-8 VM is a cluster of one.
+    """
+    env = os.environ if environ is None else environ
+    # The variables JAX's SlurmCluster needs: a batch script run without `srun` has SLURM_NTASKS but no step.
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
+        return Cluster("SLURM", int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        size, rank = int(env["OMPI_COMM_WORLD_SIZE"]), int(env.get("OMPI_COMM_WORLD_RANK", 0))
+        # JAX finds Open MPI's coordinator through OMPI_MCA_orte_hnp_uri, which Open MPI 5 (PRRTE) no longer sets.
+        return Cluster("Open MPI", size, rank, detected_by_jax="OMPI_MCA_orte_hnp_uri" in env)
+    tpu = _tpu_cluster(env)
+    if tpu is not None:
+        return tpu
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        # JAX reads JAX_COORDINATOR_ADDRESS but takes the size and rank only from a known cluster or its arguments;
+        # JAX_NUM_PROCESSES / JAX_PROCESS_ID are ours, for launchers JAX does not know (Kubernetes jobs, scripts).
+        count, rank = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        return Cluster(
+            "JAX_COORDINATOR_ADDRESS",
+            None if count is None else int(count),
+            None if rank is None else int(rank),
+            detected_by_jax=False,
+        )
+    return None
+
+
+def _tpu_cluster(env: Mapping[str, str]) -> Cluster | None:
+    # JAX decides once, at import, whether this is a Cloud TPU VM (TPU chips on PCI and libtpu installed); off a
+    # TPU VM we never touch the network.
+    from jax._src import cloud_tpu_init
+
+    if not cloud_tpu_init.running_in_cloud_tpu_vm:
+        return None
+    slices = env.get("MEGASCALE_NUM_SLICES")
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")  # GKE sets these
+    if hosts is None:
+        if "TPU_SKIP_MDS_QUERY" in env:
+            return None
+        hosts = _tpu_metadata(env, "worker-network-endpoints")
+        if slices is None:
+            tpu_env = dict(line.split(":", 1) for line in _tpu_metadata(env, "tpu-env").splitlines() if ":" in line)
+            slices = tpu_env.get("MEGASCALE_NUM_SLICES", "1").strip().strip("'")
+    return Cluster("Cloud TPU", len(hosts.split(",")) * int(slices or 1))
+
+
+def _tpu_metadata(env: Mapping[str, str], key: str) -> str:
+    host = env.get("GCE_METADATA_IP", "metadata.google.internal")  # the variable JAX and google-auth honour
+    url = f"http://{host}/computeMetadata/v1/instance/attributes/{key}"
+    try:
+        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read().decode()
+    except OSError as e:
+        raise ValueError(
+            f"distributed=auto: this Cloud TPU VM's metadata ({url}) did not answer ({e}); "
+            "set --config.distributed=False on a single host or True on a pod slice"
+        ) from None
+
+
 def initialize_distributed(
-    enabled: bool,
+    mode: str | bool = "auto",
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> None:
-    """Join a multi-process run with `jax.distributed` (before any other JAX call).
+    """Join a multi-process run with `jax.distributed` (before any other JAX call) when `mode` asks for it.
 
-    With `enabled` and no explicit values JAX auto-detects the cluster (TPU pods, SLURM, Open MPI) or reads
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    "auto": join when `coordinator_address` is given or `detect_cluster` finds more than one process; True: join
+    or raise ValueError; False: stay one process. Peers that have not all joined after `timeout_s` end the
+    process with a one-line error naming the coordinator (JAX itself would abort with a stack trace).
     """
-    if not enabled and coordinator_address is None:
-        return
+    mode = distributed_mode(mode)
     if jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+    if mode is False:
+        if coordinator_address is not None:
+            raise ValueError(f"distributed=False but coordinator_address={coordinator_address}: drop one of them")
+        return
+    if not isinstance(timeout_s, int) or timeout_s < 1:
+        raise ValueError(f"distributed_timeout_s={timeout_s!r}: must be a whole number of seconds >= 1")
+    cluster = detect_cluster()
+    if coordinator_address is None and (cluster is None or (mode == "auto" and cluster.num_processes == 1)):
+        if mode == "auto":
+            return
+        raise ValueError(
+            "distributed=True but this is no multi-process launch (a TPU pod slice, SLURM with several tasks, "
+            "Open MPI, or JAX_COORDINATOR_ADDRESS): on one host use distributed=auto; elsewhere set "
+            "--config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I"
+        )
+    if cluster is not None and not cluster.detected_by_jax:
+        num_processes = cluster.num_processes if num_processes is None else num_processes
+        process_id = cluster.process_id if process_id is None else process_id
+    if (cluster is None or not cluster.detected_by_jax) and None in (num_processes, process_id):
+        where = f"{cluster.name} is set" if cluster else f"coordinator_address={coordinator_address}"
+        env_hint = " (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)" if cluster else ""
+        raise ValueError(
+            f"distributed: {where} but the number of processes and this process's id are unknown: set "
+            f"--config.num_processes and --config.process_id{env_hint}"
+        )
+    if cluster is not None and not cluster.detected_by_jax and coordinator_address is None:
+        coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if coordinator_address is None:
+            raise ValueError(
+                f"distributed: {cluster.name} with {cluster.num_processes} processes, but JAX cannot find its "
+                "coordinator there: set JAX_COORDINATOR_ADDRESS or --config.coordinator_address to HOST:PORT of "
+                "the host of process 0"
+            )
+    watchdog = threading.Timer(timeout_s, _give_up_joining, args=(timeout_s,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        # JAX's own deadline aborts the process (a C++ fatal error, no exception); ours fires first.
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s + 60,
+        )
+    finally:
+        watchdog.cancel()
     logger.info(
         "process %d of %d, %d local / %d global devices",
         jax.process_index(),
@@ -41,6 +179,21 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def _give_up_joining(timeout_s: int) -> None:
+    # Runs on a timer thread while the main thread waits inside JAX's connect (which releases the GIL).
+    from jax._src import distributed as jax_distributed
+
+    state = jax_distributed.global_state
+    sys.stderr.write(
+        f"{os.path.basename(sys.argv[0])}: error: distributed: process {state.process_id} of {state.num_processes} "
+        f"did not meet all processes at the coordinator {state.coordinator_address} within {timeout_s} s: start the "
+        "same command on every host (process 0 runs the coordinator), check that this host reaches that address, "
+        "or raise --config.distributed_timeout_s\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -11,16 +12,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from uncond_flax.parallel import batch_sharding, make_mesh, num_batch_shards, replicated, to_host
+from uncond_flax.schedulers import FlaxDDIMScheduler
 
 
 def _pad_batch(x: jax.Array, batch: int, axis: int = 0) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, batch - x.shape[axis])
     return jnp.pad(x, pad)
-
-
-def _is_ddim(scheduler: Any) -> bool:
-    return type(scheduler).__name__ == "FlaxDDIMScheduler"
 
 
 def reverse_process(
@@ -38,7 +36,7 @@ def reverse_process(
     def body(x_BHWC, inputs):
         i, t = inputs
         model_output = model(x_BHWC, t).astype(jnp.float32)
-        kwargs = {"eta": eta} if _is_ddim(scheduler) else {}
+        kwargs = {"eta": eta} if isinstance(scheduler, FlaxDDIMScheduler) else {}
         out = scheduler.step(model_output, t, x_BHWC, variance_noise=step_noise_fn(i), **kwargs)
         return out.prev_sample.astype(jnp.float32), None
 
@@ -106,14 +104,9 @@ def sample_images(
     return to_host(run(state, scheduler, noise))[:batch_size]
 
 
-_SAMPLERS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)  # a preview and an evaluation sampler per run; bounded for long-lived processes
 def _compiled_sampler(graphdef, mesh: Mesh, eta: float, shape_BHWC: tuple, padded: int, explicit: bool):
     """One jitted sampler per (model structure, mesh, eta, shape, noise mode); scheduler arrays are traced."""
-    cache_key = (graphdef, mesh, eta, shape_BHWC, padded, explicit)
-    if cache_key in _SAMPLERS:
-        return _SAMPLERS[cache_key]
     batch = batch_sharding(mesh)
 
     def pad(x_BHWC):
@@ -133,5 +126,4 @@ def _compiled_sampler(graphdef, mesh: Mesh, eta: float, shape_BHWC: tuple, padde
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
     noise_shardings = (batch, NamedSharding(mesh, P(None, *batch.spec))) if explicit else replicated(mesh)
-    _SAMPLERS[cache_key] = jax.jit(run, in_shardings=(None, replicated(mesh), noise_shardings), out_shardings=batch)
-    return _SAMPLERS[cache_key]
+    return jax.jit(run, in_shardings=(None, replicated(mesh), noise_shardings), out_shardings=batch)

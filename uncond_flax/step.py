@@ -9,16 +9,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from uncond_flax.ema import ema_step_update
-from uncond_flax.optim import all_finite, global_norm_like_torch, select_tree
+from uncond_flax.ema import EmaSchedule
+from uncond_flax.finite import all_finite, select_tree
+from uncond_flax.optim import global_norm_like_torch
+from uncond_flax.rng import step_keys
+from uncond_flax.schedulers.common import PREDICTION_TYPES
 from uncond_flax.train_state import TrainState
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
-
-def normalize_images(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1], as torchvision's ToTensor() then Normalize([0.5], [0.5])."""
-    return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] (or uint16 [0, 65535], with preserve_input_precision) -> float32 [-1, 1], as torchvision's
+    ToTensor() / ConvertImageDtype then Normalize([0.5], [0.5])."""
+    return (images.astype(jnp.float32) / float(jnp.iinfo(images.dtype).max) - 0.5) / 0.5
 
 
 def diffusion_loss(
@@ -35,11 +37,6 @@ def diffusion_loss(
     if prediction_type == "v_prediction":
         return jnp.mean((model_output - scheduler.get_velocity(x0, noise, t_B)) ** 2)
     raise ValueError(f"prediction_type={prediction_type!r}; choose one of {list(PREDICTION_TYPES)}")
-
-
-def step_key(seed: int, step: jax.Array) -> jax.Array:
-    """The step's randomness depends only on (seed, step): a resumed run draws what the original would."""
-    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 def make_train_step(
@@ -59,7 +56,7 @@ def make_train_step(
     prediction_type = config.prediction_type
     num_train_timesteps = noise_scheduler.num_train_timesteps
     use_dropout = config.model.get("dropout", 0.0) > 0
-    ema_kwargs = dict(inv_gamma=config.ema_inv_gamma, power=config.ema_power, max_decay=config.ema_max_decay)
+    ema_schedule = EmaSchedule.from_config(config)
 
     def micro_loss(params, buffers, x0, noise, t_B, dropout_key, loss_scale):
         model = nnx.merge(graphdef, params, buffers)
@@ -71,7 +68,7 @@ def make_train_step(
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def train_step(state: TrainState, images_ABHWC: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        k_noise, k_time, k_drop = jax.random.split(step_key(config.seed, state.step), 3)
+        k_noise, k_time, k_drop = step_keys(config.seed, state.step)
         x0_ABHWC = normalize_images(images_ABHWC)
         # Drawn for the whole step at once: A micro-batches of B see the same numbers as one batch of A*B.
         noise_ABHWC = jax.random.normal(k_noise, x0_ABHWC.shape, jnp.float32)
@@ -103,7 +100,7 @@ def make_train_step(
         ema_params, ema_step, decay = state.ema_params, state.ema_step, jnp.zeros((), jnp.float32)
         if ema_params is not None:
             ema_step = state.ema_step + 1
-            ema_params, decay = ema_step_update(ema_params, params, ema_step, **ema_kwargs)
+            ema_params, decay = ema_schedule.update(ema_params, params, ema_step)
 
         skipped = (~finite).astype(jnp.int32)
         new_state = state.replace(

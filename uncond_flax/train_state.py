@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from uncond_flax.config import COMPUTE_DTYPES
 from uncond_flax.ema import init_ema_params
+from uncond_flax.export import load_unet
+from uncond_flax.loss_scale import make_loss_scale
+from uncond_flax.models import FlaxUNet2DModel
+from uncond_flax.parallel import state_shardings
+from uncond_flax.rng import purpose_key
 
 
 @struct.dataclass
@@ -50,3 +56,55 @@ class TrainState:
     def inference_params(self) -> nnx.State:
         """EMA params when tracked, else the raw params: what previews and exports use."""
         return self.ema_params if self.ema_params is not None else self.params
+
+
+def _unet_kwargs(config: Any) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+
+
+def build_model(config: Any, dtype=jnp.float32) -> FlaxUNet2DModel:
+    """The config's UNet with fresh weights from the seed's `init` stream (compute dtype `dtype`)."""
+    return FlaxUNet2DModel(**_unet_kwargs(config), dtype=dtype, rngs=nnx.Rngs(purpose_key(config.seed, "init")))
+
+
+def train_state_layout(
+    config: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState, Any, Callable[..., TrainState]]:
+    """(train graphdef, float32 graphdef, abstract TrainState, its shardings on `mesh`, init function).
+
+    Nothing is computed or compiled: a restore needs only this.
+    """
+    compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
+    # Module construction is slow in Python: build each abstract model once (they differ only in dtype).
+    eval_graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param, ...)
+    train_graphdef = eval_graphdef
+    if compute_dtype != jnp.float32:
+        train_graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, compute_dtype)), nnx.Param, ...)
+    loss_scale = make_loss_scale(config.mixed_precision)
+
+    def init(params=None, buffers=None):
+        if params is None:
+            _, params, buffers = nnx.split(build_model(config), nnx.Param, ...)
+        return TrainState.create(params, buffers, tx, use_ema=config.use_ema, loss_scale=loss_scale)
+
+    abstract = jax.eval_shape(init)
+    return train_graphdef, eval_graphdef, abstract, state_shardings(abstract, mesh), init
+
+
+def create_train_state(
+    config: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState, Any]:
+    """(train graphdef, float32 graphdef, sharded TrainState, its shardings), initialised directly on the mesh
+    (random weights, or `init_from`'s)."""
+    train_graphdef, eval_graphdef, _, shardings, init = train_state_layout(config, mesh, tx)
+    if config.init_from:
+        _, params, buffers = nnx.split(load_unet(config.init_from), nnx.Param, ...)
+        state = jax.jit(init, out_shardings=shardings)(params, buffers)
+    else:
+        state = jax.jit(init, out_shardings=shardings)()
+    return train_graphdef, eval_graphdef, state, shardings
+
+
+def inference_model(eval_graphdef: nnx.GraphDef, state: TrainState) -> FlaxUNet2DModel:
+    """A float32 model holding the EMA weights (raw weights without EMA), still on the devices."""
+    return nnx.merge(eval_graphdef, state.inference_params(), state.buffers)

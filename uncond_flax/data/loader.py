@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from typing import Any
+from typing import Any, Self
+
+import numpy as np
 
 from uncond_flax.data.decode_cache import build_or_open_decode_cache
 from uncond_flax.data.pipeline import END, Pipeline, grain_iterator, make_convert
 from uncond_flax.data.sources import open_source
 from uncond_flax.data.steps import BatchLayout, StepReader
-from uncond_flax.data.transforms import image_mode
+from uncond_flax.data.transforms import BadImageError, image_dtype, image_mode
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def _close_holder(holder: list) -> None:
 
 
 class TrainLoader:
-    """Iterator of optimizer steps: ``{"images": uint8 (A, B, H, W, C)}``, a global ``jax.Array`` sharded
+    """Iterator of optimizer steps: ``{"images": uint8 (A, B, H, W, C)}`` (uint16 with preserve_input_precision),
+    a global ``jax.Array`` sharded
     ``P(None, ("data", "fsdp"))``; A = gradient_accumulation_steps, B = train_batch_size × devices.
 
     It runs over epochs forever (or until ``max_steps`` global steps); the trainer decides when to stop and
@@ -120,8 +123,13 @@ class TrainLoader:
             self._holder[0] = Pipeline(grain_iter, self._convert, self.device_prefetch)
         try:
             item = self._holder[0].next()
-        except BaseException:
+        except BadImageError as e:
             _close_holder(self._holder)  # stop the workers; a retry rebuilds the pipeline at this same step
+            # Raised afresh, so that grain's note about its filtered traceback stays with the worker's error
+            # (shown first, with --verbose) and our one-line message is what prints last.
+            raise BadImageError(str(e)) from e
+        except BaseException:
+            _close_holder(self._holder)
             raise
         if item is END:
             _close_holder(self._holder)
@@ -134,6 +142,18 @@ class TrainLoader:
                     logger.warning("skipped bad image (%d so far): %s", len(self._skipped), reason)
         self._step += 1
         return batch
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The images' dtype: uint8, or uint16 with preserve_input_precision (the step scales by its maximum)."""
+        return np.dtype(image_dtype(self._reader.preserve_input_precision))
+
+    def batch_spec(self, sharding: Any) -> Any:
+        """The shape, dtype and placement of every batch's `images` (a ``jax.ShapeDtypeStruct``): enough to
+        compile the step ahead of data."""
+        import jax  # not at the top: grain's worker processes import this package and need no JAX
+
+        return jax.ShapeDtypeStruct(self.global_shape, self.dtype, sharding=sharding)
 
     # --- state ----------------------------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -166,7 +186,7 @@ class TrainLoader:
             raise ValueError(f"inconsistent data loader state: {state}")
         _close_holder(self._holder)  # the running pipeline is ahead of the consumer: restart it at `step`
         self._step = step
-        self._skipped = set(int(i) for i in state.get("skipped_indices", ()))
+        self._skipped = {int(i) for i in state.get("skipped_indices", ())}
 
     # --- lifetime -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -177,10 +197,10 @@ class TrainLoader:
             if self._skipped:
                 logger.warning("skipped %d bad images in total", len(self._skipped))
 
-    def __enter__(self) -> TrainLoader:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -262,6 +282,7 @@ def build_train_loader(
             cache_root=config.cache_dir,
             num_workers=num_workers,
             skip_bad_images=config.skip_bad_images,
+            preserve_input_precision=bool(config.preserve_input_precision),
         )
     seed = 0 if config.seed is None else int(config.seed)
     layout = BatchLayout(
@@ -275,6 +296,7 @@ def build_train_loader(
         center_crop=bool(config.center_crop),
         random_flip=bool(config.random_flip),
         skip_bad_images=bool(config.skip_bad_images),
+        preserve_input_precision=bool(config.preserve_input_precision),
         cache=cache,
     )
     channels = 1 if mode == "L" else 3

@@ -3,15 +3,20 @@ puts finished batches on the devices while the current step runs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from uncond_flax.data.steps import StepReader
+from uncond_flax.data.workers import exit_with_parent
+
+_NO_SHM = 2**62  # min_shm_size: no array is that large
 
 
 def grain_iterator(reader: StepReader, start: int, stop: int, num_workers: int, threads: int | None):
@@ -27,7 +32,14 @@ def grain_iterator(reader: StepReader, start: int, stop: int, num_workers: int, 
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app.run
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+        # Batches come back pickled through grain's queues, not in shared memory: grain leaves a batch's shared
+        # memory block behind when its workers stop mid-flight, and the resource tracker's warning about it is
+        # then printed after our own last line. Both ways copy a batch twice (into the pipe or block, and out).
+        ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=_NO_SHM))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+        )
     return iter(ds)
 
 
@@ -99,7 +111,7 @@ def _produce(grain_iter, convert, q: queue.Queue, stop: threading.Event) -> None
     try:
         for element in grain_iter:
             item = convert(element)
-            del element  # release grain's shared-memory block now
+            del element
             if not _put(q, item, stop):
                 return
         _put(q, END, stop)
@@ -109,7 +121,7 @@ def _produce(grain_iter, convert, q: queue.Queue, stop: threading.Event) -> None
 
 def make_convert(sharding: Any, global_shape: tuple[int, ...], to_device: bool) -> Callable[[dict], tuple]:
     def convert(element: dict) -> tuple:
-        images = np.array(element["images"])  # our own copy: grain recycles its shared-memory block
+        images = np.array(element["images"])  # our own copy: grain may reuse its buffers
         if to_device:
             import jax
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from uncond_flax import storage
 
 DIGITS = "digits"
 TFDS_PREFIX = "tfds:"
@@ -57,6 +60,25 @@ def select_image_column(columns: Sequence[str], image_column: str | None, datase
     )
 
 
+def check_holds_images(source: ImageSource, column: str, feature: Any, image_columns: list[str]) -> None:
+    """ValueError unless ``column`` is an image feature or its first example decodes as an image: an
+    ``image_column`` naming labels or captions fails here, in one line, not at the first batch."""
+    if len(source) == 0:
+        return
+    from uncond_flax.data.transforms import describe_failure, load_resized
+
+    raw = None
+    try:
+        raw = source.get_raw(0)
+        load_resized(raw, 1, "RGB")
+    except Exception as e:  # noqa: BLE001 -- anything that is not an image
+        where = f"set image_column to one of {image_columns}" if image_columns else "none of its columns holds images"
+        raise ValueError(
+            f"the image column {column!r} of {source.name} holds {feature}, not images ({describe_failure(0, raw, e)}); "
+            f"{where}"
+        ) from None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hugging Face datasets (Hub, imagefolder, parquet, arrow, save_to_disk)
 
@@ -70,6 +92,12 @@ class HFImageSource(ImageSource):
         # Only the image column, as raw arrow values: an Image column then reads as {"bytes", "path"} and the
         # other columns (captions, labels) are never touched.
         self._dataset = dataset.select_columns([self.column]).with_format("arrow")
+        import datasets
+
+        feature = dataset.features[self.column]
+        if not isinstance(feature, datasets.Image):
+            images = [c for c, f in dataset.features.items() if isinstance(f, datasets.Image)]
+            check_holds_images(self, self.column, feature, images)
 
     def __len__(self) -> int:
         return len(self._dataset)
@@ -85,7 +113,8 @@ class HFImageSource(ImageSource):
 
     @property
     def fingerprint(self) -> str:
-        return f"hf:{self._dataset._fingerprint}:{self.column}"  # noqa: SLF001 -- datasets' content hash
+        # datasets' private content hash (no public API has one); test_hf_fingerprint_follows_the_images fails if it moves
+        return f"hf:{self._dataset._fingerprint}:{self.column}"
 
 
 def _offline() -> bool:
@@ -140,9 +169,13 @@ def _local_source(path: str, config: Any, field: str) -> ImageSource:
     import datasets
 
     what = f"{field} {path!r}"
+    cache_dir = config.cache_dir
+    if storage.is_remote(path):  # datasets' loaders take local files (offline they refuse URLs): a local copy
+        from uncond_flax.data.decode_cache import default_cache_root  # that module imports this one
+
+        path = storage.local_mirror(path, cache_dir or default_cache_root())
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} does not exist")
-    cache_dir = config.cache_dir
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in (".parquet", ".arrow"):
@@ -200,11 +233,8 @@ class TFDSImageSource(ImageSource):
             raise ValueError(f"TFDS dataset {spec!r} has no 'train' split; its splits are {list(builder.info.splits)}")
         features = builder.info.features
         self.column = select_image_column(sorted(features.keys()), image_column, self.name)
-        decoders = (
-            {self.column: tfds.decode.SkipDecoding()}
-            if isinstance(features[self.column], tfds.features.Image)
-            else None
-        )
+        is_image = isinstance(features[self.column], tfds.features.Image)
+        decoders = {self.column: tfds.decode.SkipDecoding()} if is_image else None
         try:
             self._source = builder.as_data_source(split="train", decoders=decoders)
         except NotImplementedError:
@@ -213,6 +243,12 @@ class TFDSImageSource(ImageSource):
                 "array_record (rebuild with --file_format=array_record)"
             ) from None
         self._fingerprint = f"tfds:{builder.info.full_name}:{os.path.abspath(builder.data_dir)}:{len(self._source)}"
+        if not is_image:
+            images = sorted(k for k, f in features.items() if isinstance(f, tfds.features.Image))
+            check_holds_images(self, self.column, type(features[self.column]).__name__, images)
+        if not is_image:
+            images = sorted(k for k, f in features.items() if isinstance(f, tfds.features.Image))
+            check_holds_images(self, self.column, type(features[self.column]).__name__, images)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -259,14 +295,24 @@ def open_source(config: Any) -> ImageSource:
     """The training split named by ``config`` (dataset_name, dataset_config_name, train_data_dir, cache_dir,
     image_column, tfds_data_dir); errors are one line naming the dataset or path."""
     name, data_dir = config.dataset_name, config.train_data_dir
+    if config.cache_dir and storage.is_remote(config.cache_dir):
+        raise ValueError(
+            f"cache_dir {config.cache_dir!r} must be a local folder (caches are memory-mapped); data in a bucket "
+            "goes in train_data_dir or dataset_name, and is copied once into the local cache_dir"
+        )
     if name is None and data_dir is None:
         raise ValueError("You must specify either a dataset name from the hub or a train data directory.")
-    if name is not None:  # as diffusers: dataset_name wins over train_data_dir
+    if name is not None and data_dir is not None:  # diffusers ignores train_data_dir then: surely not what was meant
+        raise ValueError(
+            f"dataset_name {name!r} and train_data_dir {data_dir!r} are both set; set only one "
+            "(--config.dataset_name=None trains on train_data_dir)"
+        )
+    if name is not None:
         if name == DIGITS:
             return DigitsSource()
         if name.startswith(TFDS_PREFIX):
             return TFDSImageSource(name[len(TFDS_PREFIX) :], config.tfds_data_dir, config.image_column)
-        if os.path.exists(name) or name.startswith(("/", "./", "../", "~")):  # a local path, not a Hub id
+        if storage.is_remote(name) or os.path.exists(name) or name.startswith(("/", "./", "../", "~")):  # not a Hub id
             return _local_source(os.path.expanduser(name), config, "dataset_name")
         return _hub_source(config)
     return _local_source(os.path.expanduser(data_dir), config, "train_data_dir")

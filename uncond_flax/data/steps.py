@@ -18,10 +18,13 @@ import numpy as np
 from uncond_flax.data.decode_cache import DecodeCache
 from uncond_flax.data.sources import ImageSource
 from uncond_flax.data.transforms import (
+    SKIP_BAD_IMAGES_HINT,
     SUBSTITUTE_STREAM,
     BadImageError,
     crop_and_flip,
+    describe_failure,
     example_rng,
+    image_dtype,
     load_resized,
 )
 
@@ -79,10 +82,12 @@ class StepReader:
         center_crop: bool,
         random_flip: bool,
         skip_bad_images: bool,
+        preserve_input_precision: bool = False,
         cache: DecodeCache | None = None,
     ):
         self.source, self.layout, self.cache = source, layout, cache
         self.resolution, self.mode = resolution, mode
+        self.preserve_input_precision = preserve_input_precision
         self.center_crop, self.random_flip, self.skip_bad_images = center_crop, random_flip, skip_bad_images
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -99,20 +104,14 @@ class StepReader:
         if self.cache is not None:
             image = self.cache.get(index)
             if image is None:
-                raise BadImageError(
-                    f"{self.source.name}: cannot decode example {index}: {self.cache.errors.get(index)}"
-                )
+                raise BadImageError(f"{self.source.name}: {self.cache.errors.get(index)}")
             return image
         raw = None
         try:
             raw = self.source.get_raw(index)
-            return load_resized(raw, self.resolution, self.mode)
+            return load_resized(raw, self.resolution, self.mode, self.preserve_input_precision)
         except Exception as e:  # noqa: BLE001 -- whatever PIL (or a missing file) raises: name the example
-            where = raw.get("path") if isinstance(raw, dict) else raw if isinstance(raw, str) else None
-            where = f" ({where})" if where else ""
-            raise BadImageError(
-                f"{self.source.name}: cannot decode example {index}{where}: {type(e).__name__}: {e}"
-            ) from None
+            raise BadImageError(f"{self.source.name}: {describe_failure(index, raw, e)}") from None
 
     def read_example(self, index: int, epoch: int, skipped: list[tuple[int, str]]) -> np.ndarray:
         """Example ``index`` cropped and flipped for ``epoch``; a bad image is an error or, with
@@ -123,7 +122,7 @@ class StepReader:
                 resized = self.read_resized(candidate)
             except BadImageError as e:
                 if not self.skip_bad_images:
-                    raise
+                    raise BadImageError(f"{e}; {SKIP_BAD_IMAGES_HINT}") from None
                 skipped.append((candidate, str(e)))
                 rng = example_rng(self.layout.seed, epoch, index, SUBSTITUTE_STREAM + attempt)
                 candidate = int(rng.integers(self.layout.num_examples))
@@ -132,16 +131,18 @@ class StepReader:
             return crop_and_flip(
                 resized, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip, rng=rng
             )
-        raise ValueError(
+        raise BadImageError(
             f"{self.source.name}: {_MAX_SUBSTITUTES} bad images in a row while replacing bad example "
-            f"{index}; is most of the dataset unreadable?"
+            f"{index}; is most of the dataset unreadable? (the last: {skipped[-1][1]})"
         )
 
     def __call__(self, step: int) -> dict[str, Any]:
         epoch = step // self.layout.steps_per_epoch
         indices_AB = self.layout.local_indices(step, self.permutation(epoch))
         channels = 1 if self.mode == "L" else 3
-        images_ABHWC = np.empty((*indices_AB.shape, self.resolution, self.resolution, channels), np.uint8)
+        images_ABHWC = np.empty(
+            (*indices_AB.shape, self.resolution, self.resolution, channels), image_dtype(self.preserve_input_precision)
+        )
         skipped: list[tuple[int, str]] = []
         for (a, b), index in np.ndenumerate(indices_AB):
             images_ABHWC[a, b] = self.read_example(int(index), epoch, skipped)

@@ -4,6 +4,11 @@ diffusers composes torchvision's ``Resize(resolution, BILINEAR)`` → ``CenterCr
 ``RandomHorizontalFlip`` on PIL images converted to RGB. We do the same on PIL/numpy and stop at uint8 HWC:
 the [-1, 1] normalisation happens on device inside the jitted step (4x less host→device traffic).
 
+With ``preserve_input_precision`` (diffusers' flag of the same name) an image is not made 8-bit first: it
+becomes float32 in [0, 1] at its own precision (16-bit PNG/TIFF, float TIFF, uint16 arrays), is resized in
+float32 with the same antialiased bilinear filter, and leaves as uint16 (0..65535): 16-bit inputs keep every
+level, at half the bytes of float32, and the step divides by the dtype's maximum as it does for uint8.
+
 This module must not import JAX: it runs inside grain's spawned worker processes.
 """
 
@@ -21,9 +26,15 @@ import PIL.ImageOps
 AUGMENT_STREAM = 0
 SUBSTITUTE_STREAM = 1
 
+_BILINEAR = PIL.Image.Resampling.BILINEAR  # PIL's is antialiased (support scales with the zoom), like torchvision's
+
 
 class BadImageError(ValueError):
     """An example whose image cannot be read or decoded; the message names the source and example index."""
+
+
+# What a user can do about a bad image; ends the message of every BadImageError that stops a run.
+SKIP_BAD_IMAGES_HINT = "fix or remove that file, or set skip_bad_images=True to train on the other images"
 
 
 def image_mode(in_channels: int) -> str:
@@ -104,6 +115,83 @@ def convert_mode(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
     return image.convert(mode)
 
 
+def describe_failure(index: int, raw: Any, error: BaseException) -> str:
+    """``cannot decode example INDEX (PATH): Type: message``; the path when the record names a file."""
+    where = raw.get("path") if isinstance(raw, dict) else raw if isinstance(raw, (str, os.PathLike)) else None
+    return f"cannot decode example {index}" + (f" ({where})" if where else "") + f": {type(error).__name__}: {error}"
+
+
+# --- preserve_input_precision ---------------------------------------------------------------------------------
+
+PRECISE_DTYPE = np.uint16
+_PRECISE_MAX = float(np.iinfo(PRECISE_DTYPE).max)
+
+
+def image_dtype(preserve_input_precision: bool) -> type[np.unsignedinteger]:
+    """The dtype of the host batches: uint8, or uint16 with ``preserve_input_precision``."""
+    return PRECISE_DTYPE if preserve_input_precision else np.uint8
+
+
+def _unit_range(arr: np.ndarray) -> np.ndarray:
+    """An image array as float32 in [0, 1]: integers over their type's range (int32 holds 16-bit PNGs in older
+    Pillow, so it counts as 16-bit), floats as given, clipped."""
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "f":
+        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+    top = 255.0 if arr.dtype.itemsize == 1 else _PRECISE_MAX
+    return np.clip(arr.astype(np.float32), 0.0, top) / top
+
+
+def to_unit_float(raw: Any, mode: str) -> np.ndarray:
+    """Decode at the image's own precision → float32 (H, W, 1 or 3) in [0, 1], for ``mode`` L or RGB.
+
+    16-bit and float images (PIL modes I;16*, I, F and uint16/float arrays) keep their values; 8-bit images go
+    through ``convert_mode`` as without the flag. Grayscale is repeated to RGB (as diffusers' precision path does);
+    an RGB array for an L model is averaged with ITU-R 601 weights, as PIL's L conversion."""
+    if isinstance(raw, (np.ndarray, list)):
+        arr = np.asarray(raw)
+        if arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]  # alpha dropped, as image.convert("RGB") does
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3)):
+            raise ValueError(f"an image array must be HW, HW1, HW3 or HW4, got shape {arr.shape}")
+        unit = _unit_range(arr)
+    else:
+        image = decode_image(raw)
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            unit = _unit_range(np.asarray(image))
+        else:
+            unit = _unit_range(np.asarray(convert_mode(image, mode)))
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    if mode == "RGB" and unit.shape[-1] == 1:
+        return np.repeat(unit, 3, axis=-1)
+    if mode == "L" and unit.shape[-1] == 3:
+        return (unit @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
+    return unit
+
+
+def resize_unit_float(unit_HWC: np.ndarray, size: int) -> np.ndarray:
+    """``resize_shorter_side`` for float32 images: the same antialiased bilinear filter, per channel, in float."""
+    height, width = unit_HWC.shape[:2]
+    new_size = resized_size(width, height, size)
+    if new_size == (width, height):
+        return unit_HWC
+    channels = [
+        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(unit_HWC[..., c]), mode="F").resize(new_size, _BILINEAR))
+        for c in range(unit_HWC.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def quantize_unit_float(unit: np.ndarray) -> np.ndarray:
+    """[0, 1] float32 → uint16 0..65535, rounded to nearest."""
+    return np.rint(np.clip(unit, 0.0, 1.0) * _PRECISE_MAX).astype(PRECISE_DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) after torchvision's ``Resize(size)``: shorter side = size, longer side truncated."""
     if width <= height:
@@ -116,11 +204,14 @@ def resize_shorter_side(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
     new_size = resized_size(image.width, image.height, size)
     if new_size == image.size:
         return image
-    return image.resize(new_size, PIL.Image.Resampling.BILINEAR)
+    return image.resize(new_size, _BILINEAR)
 
 
-def load_resized(raw: Any, resolution: int, mode: str) -> np.ndarray:
-    """Decode → RGB/L → shorter side resized to ``resolution``: uint8 (H, W, C), before any crop."""
+def load_resized(raw: Any, resolution: int, mode: str, preserve_input_precision: bool = False) -> np.ndarray:
+    """Decode → RGB/L → shorter side resized to ``resolution``: uint8 (H, W, C), before any crop; uint16 at the
+    image's own precision with ``preserve_input_precision``."""
+    if preserve_input_precision:
+        return quantize_unit_float(resize_unit_float(to_unit_float(raw, mode), resolution))
     image = resize_shorter_side(convert_mode(decode_image(raw), mode), resolution)
     arr = np.asarray(image, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
@@ -133,7 +224,7 @@ def example_rng(seed: int, epoch: int, index: int, stream: int = AUGMENT_STREAM)
 
 def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
     """(top, left) of torchvision's ``CenterCrop(size)``; Python's round (half to even), as torchvision uses."""
-    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return round((height - size) / 2.0), round((width - size) / 2.0)
 
 
 def random_crop_offsets(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -173,7 +264,9 @@ def preprocess(
     center_crop: bool,
     random_flip: bool,
     rng: np.random.Generator,
+    preserve_input_precision: bool = False,
 ) -> np.ndarray:
-    """The whole per-example transform of diffusers' script, ending at uint8 (resolution, resolution, C)."""
-    resized = load_resized(raw, resolution, mode)
+    """The whole per-example transform of diffusers' script, ending at uint8 (resolution, resolution, C)
+    (uint16 with ``preserve_input_precision``)."""
+    resized = load_resized(raw, resolution, mode, preserve_input_precision)
     return crop_and_flip(resized, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)

@@ -6,12 +6,14 @@ affine) means training from scratch starts from the same distribution as diffuse
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 # Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's kaiming_uniform_(a=sqrt(5)) for weights.
 _torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -26,6 +28,84 @@ def _torch_bias_init(fan_in: int) -> Callable:
     return init
 
 
+def conv_as_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    **kwargs,
+) -> jax.Array:
+    """`lax.conv_general_dilated` for NHWC x HWIO as one matmul over the stacked k*k shifted inputs (im2col).
+
+    On XLA:CPU the matmul runs at the machine's GEMM speed in all three directions (the weight gradient
+    becomes `patches^T @ grad`), while the convolution library's backward passes run several times slower.
+    Other layouts, dilations and groups fall back to the convolution itself.
+    """
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if isinstance(padding, str) or dilated or feature_group_count != 1 or lhs.ndim != 4:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            precision, preferred_element_type, **kwargs,
+        )  # fmt: skip
+    kh, kw, c, o = rhs.shape
+    sh, sw = window_strides
+    (pt, pb), (pl, pr) = padding
+    x_BHWC = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho, wo = (x_BHWC.shape[1] - kh) // sh + 1, (x_BHWC.shape[2] - kw) // sw + 1
+    # Tap (i, j) sees x[i + sh*y, j + sw*x]; stacked (i, j, c)-major to match the HWIO kernel's flattening.
+    taps = [
+        x_BHWC[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return jnp.matmul(
+        patches, rhs.reshape(kh * kw * c, o), precision=precision, preferred_element_type=preferred_element_type
+    )
+
+
+def _conv_for_backend(*args, **kwargs) -> jax.Array:
+    # Measured (bench/bench_layers.py): XLA:CPU's convolution beats the matmul form at this model's widths too.
+    return lax.conv_general_dilated(*args, **kwargs)
+
+
+# How Conv layers compute ("auto": the fastest measured for the default backend). Equal results, other speed.
+CONV_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "auto": _conv_for_backend,
+    "conv": lax.conv_general_dilated,
+    "matmul": conv_as_matmul,
+}
+# How the attention block computes softmax(q k^T) v: "xla" = jax.nn.dot_product_attention over all heads at
+# once; "per_head" = one head at a time (a loop), recomputed in the backward pass; "auto" = per_head on CPU.
+ATTENTION_IMPLS = ("auto", "xla", "per_head")
+_impls = {"conv": "auto", "attention": "auto"}
+
+
+@contextlib.contextmanager
+def implementations(*, conv: str | None = None, attention: str | None = None) -> Iterator[None]:
+    """Layers built inside compute convolutions / attention as named (CONV_IMPLS / ATTENTION_IMPLS)."""
+    for kind, name, choices in (("conv", conv, CONV_IMPLS), ("attention", attention, ATTENTION_IMPLS)):
+        if name is not None and name not in choices:
+            raise ValueError(f"{kind} implementation {name!r} is not supported; choose one of {sorted(choices)}")
+    previous = dict(_impls)
+    _impls.update({k: v for k, v in (("conv", conv), ("attention", attention)) if v is not None})
+    try:
+        yield
+    finally:
+        _impls.update(previous)
+
+
+def current_implementation(kind: str) -> str:
+    """The implementation layers built now use for `kind` ("conv" or "attention")."""
+    return _impls[kind]
+
+
 def conv2d(
     in_channels: int,
     out_channels: int,
@@ -38,7 +118,7 @@ def conv2d(
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """torch.nn.Conv2d(in, out, k, stride, padding) for NHWC inputs (kernel HWIO)."""
+    """torch.nn.Conv2d(in, out, k, stride, padding) for NHWC inputs (kernel HWIO), computed per `implementations`."""
     return nnx.Conv(
         in_channels,
         out_channels,
@@ -50,6 +130,7 @@ def conv2d(
         param_dtype=param_dtype,
         kernel_init=_torch_kernel_init,
         bias_init=_torch_bias_init(in_channels * kernel_size * kernel_size),
+        conv_general_dilated=CONV_IMPLS[_impls["conv"]],
         rngs=rngs,
     )
 

@@ -46,11 +46,12 @@ class FlaxSchedulerOutput:
 # --------------------------------------------------------------------------------------------
 
 
-def check_choice(key: str, value: Any, choices: Sequence[str], owner: str) -> None:
-    """Raise ValueError naming `key` unless `value` is one of `choices`."""
+def check_choice(key: str, value: Any, choices: Sequence[str], owner: str | None = None) -> None:
+    """Raise ValueError naming `key` (and `owner`, when given) unless `value` is one of `choices`."""
     if value not in choices:
         supported = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{owner}: {key}={value!r} is not supported; choose one of {supported}.")
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}{key}={value!r} is not supported; choose one of {supported}.")
 
 
 def check_table_options(

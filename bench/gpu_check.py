@@ -1,0 +1,606 @@
+"""One-shot accelerator check: our train step against diffusers' on the same GPU, in about 6 minutes.
+
+    bash bench/gpu_check.sh                          # on the GPU machine: installs .whl/, then runs this
+    python bench/gpu_check.py                        # preset from the backend: default on a GPU, else small
+    python bench/gpu_check.py --preset tiny          # a few minutes on a CPU: exercises every section
+    python bench/gpu_check.py --section jax-step --precision bf16   # one section, in this process
+
+Sections, each in its own process under a hard time limit (a section that overruns is killed and reported; the
+others still run, and everything measured so far has been printed already):
+  env        backend, devices, versions
+  jax-step   the train_unconditional UNet's jitted train step (64 px on GPU) in bf16 and fp32: compile time,
+             step time, img/s, FLOPs per step (XLA cost analysis), MFU, peak device memory
+  torch-step the same UNet in diffusers with torch AdamW + clip_grad_norm_ (bf16 autocast on GPU), and the ratio
+  tiny-train 200 optimizer steps of a tiny config on real digits (synthetic bars without scikit-learn): the loss
+             must fall
+  attention  jax.nn.dot_product_attention, implementation="cudnn" against "xla": time and agreement
+Results are also written as JSON to --out (default: $OUT/gpu_check.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RESULT_PREFIX = "RESULT "
+
+# Sizes per preset. "default": train_unconditional's default UNet at 64 px; "small": the issue's small CPU config;
+# "tiny": the tests' one-level UNet at 8 px, so every section runs in seconds on a CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "model": "default",
+        "resolution": 64,
+        "batch": 64,
+        "steps": 20,
+        "torch_precision": "bf16",
+        "train_steps": 200,
+    },
+    "small": {"model": "small", "resolution": 32, "batch": 8, "steps": 3, "torch_precision": "no", "train_steps": 200},
+    "tiny": {"model": "tiny", "resolution": 8, "batch": 16, "steps": 2, "torch_precision": "no", "train_steps": 60},
+}
+# Seconds per section with the default preset on a GPU (about 6 minutes with process starts); scaled for the others.
+# Run in this order; fp32 comes last and gets what is left of the total.
+BUDGETS = {"env": 20, "jax-step:bf16": 110, "torch-step": 55, "tiny-train": 50, "attention": 25, "jax-step:no": 90}
+TOTAL_LIMIT_S = 335.0
+PRESET_TIME_SCALE = {"default": 1.0, "small": 4.0, "tiny": 2.0}
+
+
+def _say(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+def _report(name: str, result: dict[str, Any]) -> None:
+    _say(RESULT_PREFIX + json.dumps({"section": name, **result}))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def bench_config(preset: str, precision: str = "no", batch: int | None = None, devices: int | None = None) -> Any:
+    """The resolved training config a preset measures: global batch `batch` split over `devices` (default: JAX's)."""
+    from configs import default
+    from uncond_flax.config import resolve_config
+
+    sizes = PRESETS[preset]
+    config = default.get_config()
+    config.dataset_name = "digits"
+    config.resolution = sizes["resolution"]
+    config.mixed_precision = precision
+    config.lr_scheduler = "constant_with_warmup"
+    config.lr_warmup_steps = 10
+    if sizes["model"] == "small":
+        config.model.block_out_channels = (32, 64, 64)
+        config.model.down_block_types = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
+        config.model.up_block_types = ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+        config.model.layers_per_block = 1
+    elif sizes["model"] == "tiny":
+        _tiny_model(config)
+    if devices is None:
+        import jax
+
+        devices = jax.device_count()
+    config.train_batch_size = max(1, (batch or sizes["batch"]) // devices)
+    return resolve_config(config)
+
+
+def _tiny_model(config: Any) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+    from tiny_digits import get_config as tiny
+
+    config.model = tiny().model
+    config.learning_rate = 1e-3  # the tiny-train section's loss must fall within a few dozen steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sections (each runs in its own process; each prints as it goes and returns its numbers)
+
+
+def section_env(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    device = jax.devices()[0]
+    result = {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "preset": "default" if jax.default_backend() == "gpu" else "small",
+    }
+    try:
+        import torch
+
+        result.update(torch=torch.__version__, torch_cuda=torch.cuda.is_available())
+    except ImportError as e:
+        result["torch"] = f"missing ({e})"
+    for name in ("flax", "optax", "orbax.checkpoint", "grain", "diffusers", "ml_collections"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            result[name] = getattr(module, "__version__", "?")
+        except ImportError as e:
+            result[name] = f"missing ({e})"
+    for key, value in result.items():
+        _say(f"  {key}: {value}")
+    return result
+
+
+def _peak_bytes(device: Any) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def compile_step(config: Any) -> tuple[Any, Any, Any, float]:
+    """(compiled train step, fresh state, images sharding, compile seconds): the trainer's step, shardings and
+    donation. Programs are equal for equal configs, so a second call is served by the compilation cache."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from uncond_flax.config import noise_scheduler_for
+    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from uncond_flax.parallel import batch_sharding, make_mesh, replicated
+    from uncond_flax.step import make_train_step
+    from uncond_flax.train_state import create_train_state
+
+    mesh = make_mesh()
+    # constant_with_warmup (bench_config): the program does not depend on the number of steps.
+    tx = make_optimizer(config, 10_000)
+    graphdef, _, state, shardings = create_train_state(config, mesh, tx)
+    step_fn = make_train_step(
+        graphdef,
+        tx=tx,
+        lr_fn=lr_schedule_for(config, 10_000),
+        noise_scheduler=noise_scheduler_for(config),
+        config=config,
+    )
+    images_sharding = NamedSharding(mesh, P(None, *batch_sharding(mesh).spec))
+    batch = config.train_batch_size * jax.device_count()
+    shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(shardings, images_sharding),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    start = time.perf_counter()
+    compiled = jitted.lower(state, jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)).compile()
+    return compiled, state, images_sharding, time.perf_counter() - start
+
+
+def jax_step(config: Any, steps: int) -> dict[str, Any]:
+    """Compile and time our real train step on random uint8 images: FLOPs, MFU, memory."""
+    import jax
+    import numpy as np
+
+    from uncond_flax.flops import mfu, peak_flops, step_flops
+
+    compiled, state, images_sharding, compile_s = compile_step(config)
+    batch = config.train_batch_size * jax.device_count()
+    shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
+    flops = step_flops(compiled)
+    _say(f"  compile {compile_s:.1f} s; XLA counts {flops or 0:.3e} FLOPs per step per device")
+    for _ in range(2):  # warm-up: first runs allocate and (on GPU) autotune
+        state, metrics = compiled(state, images)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, images)
+    loss = float(metrics["loss"])  # waits for the last step
+    seconds = (time.perf_counter() - start) / steps
+    device = jax.devices()[0]
+    utilisation = mfu(flops, seconds, jax.devices(), config.mixed_precision)
+    result = {
+        "precision": config.mixed_precision,
+        "resolution": config.resolution,
+        "batch": batch,
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "img_per_s": batch / seconds,
+        "flops_per_step": flops,
+        "achieved_tflops": flops / seconds / 1e12 if flops else None,
+        "peak_tflops": (peak_flops(device, config.mixed_precision) or 0) / 1e12 or None,
+        "mfu": utilisation,
+        "peak_memory_gib": (_peak_bytes(device) or 0) / 2**30 or None,
+        "loss": loss,
+        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+    }
+    _say(
+        f"  step {seconds * 1e3:.1f} ms = {result['img_per_s']:.1f} img/s; "
+        f"{result['achieved_tflops'] or 0:.2f} TFLOP/s; MFU {_pct(utilisation)}; "
+        f"peak memory {_gib(result['peak_memory_gib'])}"
+    )
+    return result
+
+
+def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = PRESETS[args.preset]
+    config = bench_config(args.preset, args.precision, args.batch)
+    _say(f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}")
+    return jax_step(config, args.steps or sizes["steps"])
+
+
+def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int = 2) -> dict[str, Any]:
+    """What diffusers' train_unconditional.py does per step: UNet2DModel, add_noise, MSE, clip_grad_norm_, AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = UNet2DModel(**config.model.to_dict()).to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    clean = (
+        torch.rand(batch, config.model.in_channels, config.resolution, config.resolution, generator=gen) * 2 - 1
+    ).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> torch.Tensor:
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, config.ddpm_num_steps, (batch,), device=device)
+        with autocast:
+            pred = model(scheduler.add_noise(clean, noise, t), t).sample
+            loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss = loss.item()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    _say(f"  torch {precision}: step {seconds * 1e3:.1f} ms = {batch / seconds:.1f} img/s; peak memory {_gib(peak)}")
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "precision": precision,
+        "batch": batch,
+        "step_s": seconds,
+        "img_per_s": batch / seconds,
+        "peak_memory_gib": peak,
+    }
+
+
+def section_torch_step(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = PRESETS[args.preset]
+    precision = args.precision if args.precision != "auto" else sizes["torch_precision"]
+    # JAX stays off this process (the driver hides the GPU from it): the batch is the global one JAX ran.
+    batch = args.batch or sizes["batch"]
+    config = bench_config(args.preset, precision, batch, devices=1)
+    return torch_step(config, batch, args.steps or sizes["steps"], precision)
+
+
+def training_images(resolution: int, count: int = 1797) -> tuple[Any, str]:
+    """uint8 (N, r, r, 1): scikit-learn's real digits (nearest-upscaled), else bars (the GPU machine may lack sklearn)."""
+    import numpy as np
+
+    try:
+        from sklearn.datasets import load_digits
+
+        digits = (load_digits().images * (255 / 16)).round().astype(np.uint8)[..., None]
+        repeat = max(1, resolution // 8)
+        return digits.repeat(repeat, axis=1).repeat(repeat, axis=2)[:, :resolution, :resolution], "sklearn digits"
+    except ImportError:
+        rng = np.random.default_rng(0)
+        images = np.zeros((count, resolution, resolution, 1), np.uint8)
+        for image, row, col in zip(images, rng.integers(0, resolution, count), rng.integers(0, 2, count)):
+            if col:
+                image[:, row] = 255
+            else:
+                image[row, :] = 255
+        return images, "synthetic bars"
+
+
+def tiny_train(steps: int, batch: int = 64, seed: int = 0) -> dict[str, Any]:
+    """`steps` optimizer steps of the tiny preset's config (one level, 8 px, grayscale); the loss must fall."""
+    import jax
+    import numpy as np
+
+    config = bench_config("tiny", "no", batch)
+    data, source = training_images(config.resolution)
+    step_fn, state, images_sharding, _ = compile_step(config)
+    rng = np.random.default_rng(seed)
+    global_batch = config.train_batch_size * jax.device_count()
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        images = jax.device_put(data[rng.integers(0, len(data), global_batch)][None], images_sharding)
+        state, metrics = step_fn(state, images)
+        losses.append(metrics["loss"])
+    losses = [float(x) for x in jax.device_get(losses)]
+    seconds = time.perf_counter() - start
+    window = max(1, steps // 10)
+    first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
+    falls = bool(np.isfinite(losses).all() and last < 0.6 * first)
+    _say(
+        f"  {steps} steps on {source} (batch {global_batch}, {seconds:.1f} s after compiling): mean loss of the first "
+        f"{window} {first:.4f} -> last {window} {last:.4f}: {'falls' if falls else 'DOES NOT FALL'}"
+    )
+    return {
+        "steps": steps,
+        "data": source,
+        "first_loss": first,
+        "last_loss": last,
+        "loss_falls": falls,
+        "seconds": seconds,
+    }
+
+
+def section_tiny_train(args: argparse.Namespace) -> dict[str, Any]:
+    return tiny_train(args.train_steps or PRESETS[args.preset]["train_steps"])
+
+
+def attention_check(preset: str) -> dict[str, Any]:
+    """dot_product_attention with cuDNN's fused kernel against XLA's, on the UNet's attention shapes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    # (batch, tokens, heads, head_dim): the default UNet's 4x4 attention (512 channels, head_dim 8) and a
+    # larger 16x16 one; tiny sizes on CPU.
+    shapes = [(64, 16, 64, 8), (16, 256, 8, 64)] if preset == "default" else [(2, 16, 4, 8)]
+    result: dict[str, Any] = {}
+    for shape in shapes:
+        key = "x".join(map(str, shape))
+        q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+        outputs, times = {}, {}
+        for impl in ("xla", "cudnn"):
+            try:
+                fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+                outputs[impl] = jax.block_until_ready(fn(q, k, v))
+                start = time.perf_counter()
+                for _ in range(20):
+                    out = fn(q, k, v)
+                jax.block_until_ready(out)
+                times[impl] = (time.perf_counter() - start) / 20
+                _say(f"  {key} {impl}: {times[impl] * 1e6:.1f} us")
+            except Exception as e:  # noqa: BLE001 -- cuDNN is absent on CPU and refuses some shapes
+                _say(f"  {key} {impl}: unavailable ({_one_line(e)})")
+        entry: dict[str, Any] = {f"{impl}_us": t * 1e6 for impl, t in times.items()}
+        if len(outputs) == 2:
+            diff = float(jnp.max(jnp.abs(outputs["xla"].astype(jnp.float32) - outputs["cudnn"].astype(jnp.float32))))
+            entry.update(max_abs_diff=diff, equal=bool(np.isfinite(diff) and diff < 2e-2))
+            _say(f"  {key}: max |cudnn - xla| = {diff:.2e} ({'equal' if entry['equal'] else 'DIFFERENT'} at bf16)")
+        result[key] = entry
+    return result
+
+
+def section_attention(args: argparse.Namespace) -> dict[str, Any]:
+    return attention_check(args.preset)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "env": section_env,
+    "jax-step": section_jax_step,
+    "torch-step": section_torch_step,
+    "tiny-train": section_tiny_train,
+    "attention": section_attention,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# driver: every section in a child process with a hard time limit
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (peak unknown)" if x is None else f"{100 * x:.1f} %"
+
+
+def run_section(name: str, argv: list[str], budget_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `--section name argv` in a child process, echoing its output; kill it after `budget_s` seconds."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--section", name, *argv]
+    _say(f"== {name} {' '.join(argv)} (limit {budget_s:.0f} s)")
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    results: list[dict[str, Any]] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                results.append(json.loads(line[len(RESULT_PREFIX) :]))
+            else:
+                print("  | " + line.rstrip(), flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    status = None
+    try:
+        proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        status = "timed out"
+    except _Stopped:
+        status = "stopped (the driver got SIGTERM)"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: only what this run started
+            proc.wait()
+    reader.join(timeout=5)
+    seconds = time.perf_counter() - start
+    if results:
+        return {**results[-1], "wall_s": seconds}
+    status = status or f"exit code {proc.returncode}"
+    _say(f"  {name}: no result ({status} after {seconds:.0f} s)")
+    return {"section": name, "error": status, "wall_s": seconds}
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The lines of the final table: JAX per precision, torch, their img/s ratio, the loss check, attention."""
+    lines = []
+    for key, r in results.items():
+        if "error" in r:
+            lines.append(f"{key:<16} ERROR: {r['error']}")
+        elif r["section"] == "env":
+            lines.append(f"{key:<16} {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax']}")
+        elif r["section"] == "jax-step":
+            lines.append(
+                f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:6.1f} s  "
+                f"MFU {_pct(r['mfu'])}  peak mem {_gib(r['peak_memory_gib'])}  (batch {r['batch']}, "
+                f"{r['resolution']} px)"
+            )
+        elif r["section"] == "torch-step":
+            lines.append(
+                f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  (batch {r['batch']})"
+            )
+            ours = results.get(f"jax-step:{r['precision']}", {})
+            if "img_per_s" in ours:
+                lines.append(
+                    f"{'ratio':<16} JAX/torch img/s at {r['precision']}: {ours['img_per_s'] / r['img_per_s']:.2f}x"
+                )
+        elif r["section"] == "tiny-train":
+            lines.append(
+                f"{key:<16} loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} over {r['steps']} steps: "
+                f"{'falls' if r['loss_falls'] else 'DOES NOT FALL'}"
+            )
+        elif r["section"] == "attention":
+            for shape, a in r.items():
+                if isinstance(a, dict):
+                    lines.append(f"{key:<16} {shape}: {json.dumps({k: round(v, 4) for k, v in a.items()})}")
+    return lines
+
+
+class _Stopped(Exception):
+    """SIGTERM reached the driver (e.g. an outer `timeout`): stop the running section, then summarize."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
+def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Run the selected sections one after another in child processes; print and return their results."""
+    started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    stopped = False
+
+    def run(key: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        nonlocal stopped
+        if name not in args.sections or stopped:
+            return
+        scale = args.time_scale * PRESET_TIME_SCALE.get(preset, 1.0)
+        total = args.total_limit or TOTAL_LIMIT_S * scale
+        left = total - (time.perf_counter() - started)
+        budget = min(BUDGETS[key] * scale, left)
+        if left < 5:
+            _say(f"== {key}: skipped (the total limit is reached)")
+            results[key] = {"section": name, "error": "skipped: total time limit"}
+            return
+        results[key] = run_section(name, argv, budget, env)
+        if results[key].get("error", "").startswith("stopped"):
+            stopped = True
+
+    preset = args.preset
+    run("env", "env", [])
+    if preset == "auto":
+        preset = results.get("env", {}).get("preset", "small")
+    common = ["--preset", preset] + (["--batch", str(args.batch)] if args.batch else [])
+    common += ["--steps", str(args.steps)] if args.steps else []
+    run("jax-step:bf16", "jax-step", [*common, "--precision", "bf16"])
+    # JAX on the CPU there: it would otherwise take most of the GPU's memory before torch starts.
+    run("torch-step", "torch-step", common, env={"JAX_PLATFORMS": "cpu"})
+    train_steps = ["--train-steps", str(args.train_steps)] if args.train_steps else []
+    run("tiny-train", "tiny-train", ["--preset", preset, *train_steps])
+    run("attention", "attention", ["--preset", preset])
+    run("jax-step:no", "jax-step", [*common, "--precision", "no"])
+
+    _say(f"\n== summary (preset {preset})")
+    for line in summarize(results):
+        _say(line)
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"preset": preset, "results": results}, f, indent=2)
+        _say(f"results written to {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--preset", choices=["auto", *PRESETS], default="auto", help="auto: default on a GPU, else small"
+    )
+    parser.add_argument("--section", choices=list(SECTIONS), help="run one section here (the driver's child mode)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections the driver runs")
+    parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
+    parser.add_argument("--train-steps", type=int, default=None, help="tiny-train steps (default: the preset's)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
+    parser.add_argument(
+        "--total-limit",
+        type=float,
+        default=None,
+        help=f"seconds for all sections (default {TOTAL_LIMIT_S:.0f}, scaled)",
+    )
+    parser.add_argument("--out", default=None, help="JSON results file")
+    args = parser.parse_args(argv)
+    args.sections = args.sections.split(",")
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {list(SECTIONS)}")
+
+    if args.section is None:
+        drive(args)
+        return 0
+    if args.preset == "auto":
+        import jax
+
+        args.preset = "default" if jax.default_backend() == "gpu" else "small"
+    if args.precision == "auto" and args.section == "jax-step":
+        args.precision = "bf16"
+    try:
+        _report(args.section, SECTIONS[args.section](args))
+    except Exception as e:  # noqa: BLE001 -- a failed section reports its error; the driver goes on
+        traceback.print_exc()
+        _report(args.section, {"error": _one_line(e)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU check in one command, on a machine without a package index (about 6 minutes on one H100).
+#
+# Here, once:        bash ../shared/gpu/fetch_wheels.sh      # grain, ml_collections, datasets, diffusers ... -> .whl/
+# On the GPU machine (the device run carries .whl):
+#                    bash bench/gpu_check.sh                  # results also in $OUT/gpu_check.json when $OUT is set
+#
+# Every section of bench/gpu_check.py runs in its own process under its own time limit, and prints as it goes;
+# this whole script is cut at GPU_CHECK_LIMIT_S (default 345) seconds so it never overruns the 6 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+  # The wheels are for the device's Python (3.12); where they do not install, go on with what is installed:
+  # each section reports what it misses.
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl; then
+    export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu_check.sh: installing .whl/*.whl failed; using what is installed" >&2
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  echo "gpu_check.sh: no .whl/ here (run bash ../shared/gpu/fetch_wheels.sh and carry .whl); using what is installed"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+# -k: a driver that ignores SIGTERM is killed 5 s later; the sections' children die with their own limits.
+exec timeout -k 5 "${GPU_CHECK_LIMIT_S:-345}" python3 -u bench/gpu_check.py "$@"

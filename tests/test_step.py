@@ -1,0 +1,85 @@
+"""The train step's pieces against diffusers' script: the training losses, and dropout on in training only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from flax import nnx
+
+from uncond_flax.parallel import make_mesh
+from uncond_flax.schedulers import FlaxDDPMScheduler
+from uncond_flax.step import diffusion_loss
+from uncond_flax.train_state import build_model
+
+from test_train import run_steps, tiny_config
+from torch_reference import nchw
+
+
+def diffusers_loss(prediction_type, model_output, clean_images, noise, timesteps, noise_scheduler):
+    """The loss of diffusers' train_unconditional.py (NCHW torch tensors), written out from its source.
+
+    The script itself knows only epsilon and sample; for v_prediction the target is the scheduler's velocity,
+    as in diffusers' other training scripts (train_text_to_image.py).
+    """
+    if prediction_type == "epsilon":
+        return F.mse_loss(model_output.float(), noise.float())
+    if prediction_type == "sample":
+        # _extract_into_tensor(noise_scheduler.alphas_cumprod, timesteps, (bsz, 1, 1, 1))
+        alpha_t = noise_scheduler.alphas_cumprod[timesteps].float()[:, None, None, None]
+        snr_weights = alpha_t / (1 - alpha_t)
+        return (snr_weights * F.mse_loss(model_output.float(), clean_images.float(), reduction="none")).mean()
+    velocity = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+    return F.mse_loss(model_output.float(), velocity.float())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_training_loss_matches_diffusers(prediction_type):
+    rng = np.random.default_rng(0)
+    shape = (6, 8, 8, 3)
+    x0, noise, model_output = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    # Both ends of the schedule: the SNR weight runs from ~1e4 (t = 0) to ~4e-5 (t = 999).
+    t_B = np.array([0, 1, 10, 500, 998, 999])
+    scheduler = FlaxDDPMScheduler.create()
+    ours = diffusion_loss(*map(jnp.asarray, (model_output, x0, noise, t_B)), scheduler, prediction_type)
+    expected = diffusers_loss(
+        prediction_type, nchw(model_output), nchw(x0), nchw(noise), torch.from_numpy(t_B), DDPMScheduler()
+    )
+    assert ours.dtype == jnp.float32
+    # float32 means over 1152 terms, summed in another order by XLA and torch: a few ulps of difference.
+    np.testing.assert_allclose(float(ours), float(expected), rtol=1e-5)
+
+
+def test_dropout_draws_a_mask_per_key_in_training_and_is_off_at_inference(tmp_path):
+    with_dropout = build_model(tiny_config(tmp_path, **{"model.dropout": 0.5}))
+    without = build_model(tiny_config(tmp_path))
+    for a, b in zip(jax.tree.leaves(nnx.state(with_dropout)), jax.tree.leaves(nnx.state(without)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # dropout has no weights: same init
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
+    t = jnp.array([10, 90])
+    # Inference (previews, sampling, export) passes no rngs: dropout is the identity, as in torch's eval().
+    reference = np.asarray(without(x, t))
+    np.testing.assert_array_equal(np.asarray(with_dropout(x, t)), reference)
+
+    def train_mode(seed):
+        return np.asarray(with_dropout(x, t, rngs=nnx.Rngs(dropout=jax.random.key(seed))))
+
+    first, again, other = train_mode(0), train_mode(0), train_mode(1)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - reference).max() > 1e-3 and np.abs(first - other).max() > 1e-3
+    # Without dropout layers, rngs change nothing.
+    np.testing.assert_array_equal(np.asarray(without(x, t, rngs=nnx.Rngs(dropout=jax.random.key(0)))), reference)
+
+
+def test_train_step_applies_dropout(tmp_path):
+    """Same weights, batch, noise and timesteps: only dropout can make the step's loss differ."""
+    mesh = make_mesh(devices=jax.devices()[:1])
+    _, plain = run_steps(tiny_config(tmp_path, train_batch_size=16), mesh, 1, with_metrics=True)
+    _, dropped = run_steps(
+        tiny_config(tmp_path, train_batch_size=16, **{"model.dropout": 0.5}), mesh, 1, with_metrics=True
+    )
+    assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-4

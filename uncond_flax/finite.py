@@ -1,0 +1,21 @@
+"""Finiteness checks and selection over whole pytrees (a non-finite step is skipped, a NaN checkpoint refused)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Scalar bool: no inf/nan in any leaf (True for an empty tree)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
+def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``jnp.where(pred, a, b)`` over two pytrees of the same structure (pred a scalar bool)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
