@@ -4,17 +4,18 @@
     python bench/bench_train_step.py --model default                # train_unconditional's 113.7 M UNet, 64 px
     python bench/bench_train_step.py --model default --batch-size 4 --steps 5   # a quicker look
     python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
-    python bench/bench_train_step.py --jax "" --jax "xla=none;attention=xla"   # ours now vs before (one run)
-    python bench/bench_train_step.py --jax "conv=matmul" --jax "xla_cpu_use_xnnpack=true"   # one lever each
+    python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
+    python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
+        --jax "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"   # one lever each
     taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
 
 Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + global-norm clipping, the
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
-variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` (uncond_flax.models.layers.implementations),
-`xla=none` (XLA's defaults instead of uncond_flax.xla_flags.compiler_options()), any other key an XLA compiler
-option for that variant's step alone. No `--jax`: one variant, as the trainer runs. Not a test.
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` (uncond_flax.models.layers.implementations), any
+other key an XLA compiler option for that variant's step alone. No `--jax`: one variant, as the trainer runs.
+Not a test.
 """
 
 from __future__ import annotations
@@ -78,12 +79,9 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     from uncond_flax.parallel import make_mesh
     from uncond_flax.step import make_train_step
     from uncond_flax.train_state import create_train_state
-    from uncond_flax.xla_flags import compiler_options
 
-    variant = dict(variant)
-    impls = {kind: variant.pop(kind, None) for kind in ("conv", "attention")}
-    options = {} if variant.pop("xla", "auto") == "none" else compiler_options()
-    options.update(variant)
+    options = dict(variant)
+    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention")}
 
     config = resolve_config(config)
     mesh = make_mesh(devices=jax.devices()[:1])

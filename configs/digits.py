@@ -11,6 +11,8 @@ def get_config():
     c.dataset_name = "digits"
     c.resolution = 16
     c.output_dir = "ddpm-digits-16"
+    # Running the demo again continues (or, when finished, just re-exports) instead of refusing a used output_dir.
+    c.resume_from_checkpoint = "latest"
     c.train_batch_size = 64
     c.num_epochs = 90
     c.learning_rate = 1e-3

@@ -220,3 +220,33 @@ def test_runtime_stops_are_one_line(tmp_path, args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train_flax.py: error:") and message in last, last
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_resuming_with_another_seed_or_batch_and_an_unwritable_output_dir_are_one_line(tmp_path):
+    train_and_evaluate(tiny_config(tmp_path, max_train_steps=2, checkpointing_steps=2, use_ema=True))
+    out = tmp_path / "out"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("in the way")
+    for args, message in [
+        (["--config.seed=1"], "seed 0 (now 1)"),
+        (["--config.train_batch_size=4"], "global_batch_size 16 (now 32)"),
+    ]:
+        result = subprocess.run(
+            train_cmd(out, "--config.max_train_steps=4", "--config.resume_from_checkpoint=latest", *args),
+            cwd=ROOT,
+            env=CHILD_ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert last.startswith("train_flax.py: error: checkpoint 2 in") and message in last, last
+        assert "resume with the same seed" in last
+    result = subprocess.run(
+        train_cmd(blocked / "run"), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=600
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("train_flax.py: error: output_dir") and "not writable" in last, last
+    assert "compiled" not in result.stderr  # stopped before compiling anything

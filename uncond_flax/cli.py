@@ -245,6 +245,29 @@ def _without_traceback(record) -> bool:
     return True
 
 
+def quiet_library_tracebacks() -> None:
+    """Library failures without their tracebacks: orbax and gcsfs log each failure of their worker threads with one
+    before the error reaches us, and our own last line says what happened and what to do (`--verbose` keeps them)."""
+    import logging as pylogging
+
+    pylogging.getLogger("gcsfs").setLevel(pylogging.CRITICAL)
+    pylogging.getLogger("absl").addFilter(_without_traceback)  # orbax logs through absl
+    for handler in pylogging.getLogger().handlers:
+        handler.addFilter(_without_traceback)
+    sys.excepthook = _without_closed_loop_noise(sys.excepthook)
+
+
+def _without_closed_loop_noise(excepthook):
+    """`sys.excepthook`, minus the "Event loop is closed" errors tensorstore's callbacks print (one per pending
+    write) after orbax gave up on a failed save: the save's own error is what the run reports."""
+
+    def hook(kind, error, tb) -> None:
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            excepthook(kind, error, tb)
+
+    return hook
+
+
 def _train(config, prog: str, verbose: bool) -> int:
     import logging as pylogging
 
@@ -252,26 +275,16 @@ def _train(config, prog: str, verbose: bool) -> int:
 
     from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE, Preempted
     from uncond_flax.config import ConfigError
-    from uncond_flax.parallel import initialize_distributed
+    from uncond_flax.parallel import join_cluster
     from uncond_flax.train import TrainingError, train_and_evaluate
 
     logging.set_verbosity(logging.INFO)
     for library in ("absl", "jax", "orbax"):  # our progress at INFO; libraries only when they warn
         pylogging.getLogger(library).setLevel(pylogging.WARNING)
     if not verbose:
-        # orbax and gcsfs log each failure of their worker threads with a traceback before the error reaches us;
-        # the run's own last line says what happened and what to do, and --verbose keeps the tracebacks.
-        pylogging.getLogger("gcsfs").setLevel(pylogging.CRITICAL)
-        for handler in pylogging.getLogger().handlers:
-            handler.addFilter(_without_traceback)
+        quiet_library_tracebacks()
     try:
-        initialize_distributed(
-            config.distributed,
-            config.coordinator_address,
-            config.num_processes,
-            config.process_id,
-            timeout_s=config.distributed_timeout_s,
-        )
+        join_cluster(config)
     except ValueError as e:
         _fail(prog, verbose, e)
     if settle_early_sigterm():

@@ -7,9 +7,10 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from uncond_flax.data import check_resolution
 from uncond_flax.export import load_unet_config
 from uncond_flax.metrics import check_logger
-from uncond_flax.models import downsampling_factor, resolve_unet_config
+from uncond_flax.models import resolve_unet_config
 from uncond_flax.optim import lr_schedule_for
 from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
 from uncond_flax.schedulers.common import PREDICTION_TYPES, check_choice
@@ -90,12 +91,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if unet["sample_size"] is None:
         unet["sample_size"] = config.resolution
     _check_unconditional(unet)
-    factor = downsampling_factor(unet)
-    if config.resolution % factor:
-        raise ValueError(
-            f"resolution {config.resolution} is not divisible by the UNet's downsampling factor {factor} "
-            f"(2 ** (len(block_out_channels) - 1), block_out_channels={tuple(unet['block_out_channels'])})"
-        )
+    check_resolution(config.resolution, unet["block_out_channels"])
     config.model = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()})
     return config
 

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="the DDPMPipeline folder to write")
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     args = parser.parse_args(argv)
+    from uncond_flax.cli import quiet_library_tracebacks
+
+    quiet_library_tracebacks()  # a damaged checkpoint is our one line, not orbax's traceback of it
     try:
         step = export_checkpoint(args.checkpoint, args.output, use_ema=not args.raw)
     except (ValueError, OSError) as e:

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -136,14 +136,15 @@ class MetricWriter:
 
             self._wandb.log({tag: [wandb.Image(img) for img in images]}, step=step)
 
-    def flush(self) -> None:
+    def flush(self, upload: bool = False) -> None:
+        """Write out buffered lines; a staged log folder is copied up if `upload` or its interval has passed."""
         if self._jsonl is not None:
             with self._writing(self._jsonl_path):
                 self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
         if self._staging is not None:
-            self._staging.sync()
+            self._staging.sync(force=upload)
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -180,6 +181,9 @@ class StepLogger:
         interactive: bool | None = None,
     ):
         self.writer, self.images_per_step, self.every = writer, images_per_step, max(1, every)
+        # mfu_of(seconds_per_step): the model FLOPs utilisation at that speed (None: unknown, not logged). Set once
+        # the step is compiled and its FLOPs are known.
+        self.mfu_of: Callable[[float], float | None] | None = None
         self.max_consecutive_skips, self.use_ema, self.enabled = max_consecutive_skips, use_ema, enabled
         self.total_steps = total_steps
         self.pending: list[tuple[int, Any]] = []
@@ -228,10 +232,13 @@ class StepLogger:
         now = time.perf_counter()
         seconds = max(now - self._window_start - self._excluded, 1e-9)
         img_s = self.images_per_step * self._steps_in_window / seconds
+        mfu = self.mfu_of(seconds / self._steps_in_window) if self.mfu_of and self._steps_in_window else None
         self._window_start, self._excluded, self._steps_in_window = now, 0.0, 0
         for (step, _), metrics in zip(pending, fetched, strict=True):
             values = {k: float(v) for k, v in metrics.items()}
             values["img/s"] = img_s
+            if mfu is not None:
+                values["mfu"] = mfu
             consecutive = int(values.pop("consecutive_skips"))
             if not self.use_ema:
                 values.pop("ema_decay", None)

@@ -196,6 +196,18 @@ def _give_up_joining(timeout_s: int) -> None:
     os._exit(1)
 
 
+def join_cluster(config: Any) -> None:
+    """`initialize_distributed` with the config's `distributed`, `coordinator_address`, `num_processes`,
+    `process_id` and `distributed_timeout_s` (a second call does nothing)."""
+    initialize_distributed(
+        config.distributed,
+        config.coordinator_address,
+        config.num_processes,
+        config.process_id,
+        timeout_s=config.distributed_timeout_s,
+    )
+
+
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
     """A 2-D mesh (data, fsdp) over all devices of all processes; `fsdp` devices share one param copy."""
     devices = jax.devices() if devices is None else list(devices)

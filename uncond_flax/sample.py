@@ -339,7 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     from uncond_flax.convert import one_line
     from uncond_flax.parallel import make_mesh
 
+    from uncond_flax.cli import quiet_library_tracebacks
+    from uncond_flax.compile_cache import enable_compile_cache
+
     args = _parser().parse_args(argv)
+    quiet_library_tracebacks()
+    enable_compile_cache("auto")  # a second sampling run of the same model loads its compiled sampler
     mesh = make_mesh()
     try:
         plan = _plan(args, mesh)

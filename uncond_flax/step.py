@@ -12,6 +12,7 @@ from flax import nnx
 from uncond_flax.ema import EmaSchedule
 from uncond_flax.finite import all_finite, select_tree
 from uncond_flax.optim import global_norm_like_torch
+from uncond_flax.parallel import batch_sharding, replicated
 from uncond_flax.rng import step_keys
 from uncond_flax.schedulers.common import PREDICTION_TYPES
 from uncond_flax.train_state import TrainState
@@ -126,3 +127,18 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(
+    step_fn: Callable, state_shardings: Any, mesh: jax.sharding.Mesh
+) -> tuple[Callable, jax.sharding.NamedSharding]:
+    """(the step jitted as the trainer runs it, the batch's sharding): the state placed as `state_shardings` and
+    donated, the batch (A, B, H, W, C) split over every device along B, the metrics replicated."""
+    images_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, images_sharding),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return jitted, images_sharding

@@ -14,21 +14,21 @@ import ml_collections
 
 from uncond_flax import storage
 from uncond_flax.checkpointing import CheckpointCorrupt, Preempted, PreemptionWatch, abstract_like, prepare
+from uncond_flax.compile_cache import enable_compile_cache
 from uncond_flax.config import ConfigError, noise_scheduler_for, preview_scheduler_for, resolve_config, storable
 from uncond_flax.data import BadImageError, build_train_loader
 from uncond_flax.epoch_end import EpochEnd, first_epoch
 from uncond_flax.finite import all_finite
+from uncond_flax.flops import mfu, step_flops
 from uncond_flax.metrics import MetricWriter, StepLogger
 from uncond_flax.optim import lr_schedule_for, make_optimizer
 from uncond_flax.parallel import (
-    batch_sharding,
-    initialize_distributed,
+    join_cluster,
     is_main_process,
     make_mesh,
     num_batch_shards,
-    replicated,
 )
-from uncond_flax.step import make_train_step
+from uncond_flax.step import jit_train_step, make_train_step
 from uncond_flax.train_state import TrainState, create_train_state, train_state_layout
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
     run = loader = None
     hub_repo = None
     try:
-        initialize_distributed(
-            config.distributed,
-            config.coordinator_address,
-            config.num_processes,
-            config.process_id,
-            timeout_s=config.distributed_timeout_s,
-        )
+        join_cluster(config)
         config = resolve_config(config)
+        enable_compile_cache(config.compilation_cache_dir)  # a resume or a rerun loads its compiled programs
         # Every process, before anything compiles: a missing bucket or a read-only folder is one line now.
         config.output_dir = storage.check_writable(config.output_dir)
         mesh = make_mesh(config.fsdp)
@@ -127,13 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             noise_scheduler=noise_scheduler,
             config=config,
         )
-        images_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec))
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(shardings, images_sharding),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=0,
-        )
+        train_step, images_sharding = jit_train_step(step_fn, shardings, mesh)
         step = int(state.step)
         if main:
             logger.info(
@@ -177,6 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         def save_checkpoint(at_step: int, wait: bool = False) -> None:
             step_log.drain()  # a run that must stop for non-finite steps stops before saving
             with step_log.paused():
+                # A staged (gs://) log folder is uploaded with each checkpoint: a crash after it then loses no step
+                # that a resume from it will not replay (the bucket's metrics.jsonl would otherwise have a gap).
+                writer.flush(upload=True)
                 try:  # a save first waits for the previous one, and re-raises its error
                     if at_step not in checkpointer.all_steps():
                         checkpointer.save(at_step, state, loader.get_state(), storable(config))
@@ -193,7 +185,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         stop_if_preempted(step)  # a SIGTERM while starting: nothing compiled yet, stop at once
         started = time.perf_counter()
         train_step = train_step.lower(state, loader.batch_spec(images_sharding)).compile()
-        logger.info("train step compiled in %.1f s", time.perf_counter() - started)
+        flops = step_flops(train_step)  # per device, from XLA's cost analysis
+        logger.info(
+            "train step compiled in %.1f s%s",
+            time.perf_counter() - started,
+            f"; {flops:.3g} FLOPs per step per device" if flops else "",
+        )
+        step_log.mfu_of = lambda seconds: mfu(flops, seconds, jax.devices(), config.mixed_precision)
         step_log.start(step)
         for epoch in range(first_epoch(step, steps_per_epoch), num_epochs):
             epoch_stop = min((epoch + 1) * steps_per_epoch, total_steps)

@@ -29,7 +29,9 @@ STATE_VERSION = 1
 
 def check_resolution(resolution: int, block_out_channels: tuple[int, ...] | list[int]) -> None:
     """Raises ValueError unless ``resolution`` is divisible by the UNet's total downsampling factor."""
-    factor = 2 ** (len(block_out_channels) - 1)
+    from uncond_flax.models.unet_2d import downsampling_factor  # here: grain's workers import this module, not JAX
+
+    factor = downsampling_factor({"block_out_channels": block_out_channels})
     if not isinstance(resolution, int) or resolution <= 0 or resolution % factor:
         raise ValueError(
             f"resolution {resolution} is not divisible by the UNet's downsampling factor {factor} "

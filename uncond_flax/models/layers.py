@@ -43,9 +43,9 @@ def conv_as_matmul(
 ) -> jax.Array:
     """`lax.conv_general_dilated` for NHWC x HWIO as one matmul over the stacked k*k shifted inputs (im2col).
 
-    On XLA:CPU the matmul runs at the machine's GEMM speed in all three directions (the weight gradient
-    becomes `patches^T @ grad`), while the convolution library's backward passes run several times slower.
-    Other layouts, dilations and groups fall back to the convolution itself.
+    All three directions become plain GEMMs (the weight gradient is `patches^T @ grad`), at the cost of k*k
+    copies of the input; kept as a measured alternative (bench/bench_layers.py). Other layouts, dilations and
+    groups fall back to the convolution itself.
     """
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if isinstance(padding, str) or dilated or feature_group_count != 1 or lhs.ndim != 4:
@@ -70,14 +70,11 @@ def conv_as_matmul(
     )
 
 
-def _conv_for_backend(*args, **kwargs) -> jax.Array:
-    # Measured (bench/bench_layers.py): XLA:CPU's convolution beats the matmul form at this model's widths too.
-    return lax.conv_general_dilated(*args, **kwargs)
-
-
-# How Conv layers compute ("auto": the fastest measured for the default backend). Equal results, other speed.
+# How Conv layers compute; equal results, other speed. "auto" is the convolution op on every backend: on CPU
+# (XLA 0.10) it beat the matmul form at every shape of the default and small UNets but 4 px x 512 channels
+# (bench/bench_layers.py), and GPU/TPU compilers own their convolutions.
 CONV_IMPLS: dict[str, Callable[..., jax.Array]] = {
-    "auto": _conv_for_backend,
+    "auto": lax.conv_general_dilated,
     "conv": lax.conv_general_dilated,
     "matmul": conv_as_matmul,
 }

@@ -103,8 +103,6 @@ def resolve_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
             )
     if cfg["time_embedding_type"] == "learned" and not cfg["num_train_timesteps"]:
         raise ValueError("time_embedding_type='learned' needs num_train_timesteps")
-    if cfg["class_embed_type"] == "timestep" and cfg["num_class_embeds"] is not None:
-        pass  # diffusers ignores num_class_embeds here; so do we.
     return cfg
 
 
@@ -253,10 +251,7 @@ class FlaxUNet2DModel(nnx.Module):
             x = 2 * x - 1.0
         t_B = _to_batch(timesteps, x.shape[0])
 
-        if cfg["time_embedding_type"] == "learned":
-            t_emb = self.time_proj(t_B)
-        else:
-            t_emb = self.time_proj(t_B)  # float32, whatever the compute dtype
+        t_emb = self.time_proj(t_B)  # float32 for positional and Fourier projections, whatever the compute dtype
         emb = self.time_embedding(t_emb.astype(self.dtype))
 
         if cfg["class_embed_type"] is not None or cfg["num_class_embeds"] is not None:
