@@ -186,6 +186,14 @@ def _fail(prog: str, verbose: bool, error: BaseException) -> None:
         import traceback
 
         traceback.print_exception(error)
+    else:
+        import logging as pylogging
+        import warnings
+
+        # Library threads still winding down (orbax's failed save) must not print after the line that says what
+        # happened: no more log records, nor "coroutine ... was never awaited" warnings at exit.
+        pylogging.disable(pylogging.CRITICAL)
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
     sys.exit(f"{prog}: error: {_one_line(error)}")
 
 
@@ -246,15 +254,26 @@ def _without_traceback(record) -> bool:
 
 
 def quiet_library_tracebacks() -> None:
-    """Library failures without their tracebacks: orbax and gcsfs log each failure of their worker threads with one
-    before the error reaches us, and our own last line says what happened and what to do (`--verbose` keeps them)."""
+    """Library failures without their tracebacks: orbax, gcsfs and asyncio log each failure of their worker threads,
+    with tracebacks, before or after the error reaches us, and our own last line says what happened and what to do
+    (`--verbose` keeps them)."""
     import logging as pylogging
 
     pylogging.getLogger("gcsfs").setLevel(pylogging.CRITICAL)
+    # orbax's per-save event loops leave failed futures behind ("Future exception was never retrieved"), logged at
+    # exit, after our own last line; the failure they hold is the one the run already reported.
+    pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
     pylogging.getLogger("absl").addFilter(_without_traceback)  # orbax logs through absl
     for handler in pylogging.getLogger().handlers:
         handler.addFilter(_without_traceback)
     sys.excepthook = _without_closed_loop_noise(sys.excepthook)
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(info) -> None:  # tensorstore reports its callbacks' errors as unraisable
+        if not _is_closed_loop_noise(info.exc_value):
+            previous_unraisable(info)
+
+    sys.unraisablehook = unraisable
 
 
 def _without_closed_loop_noise(excepthook):
@@ -262,10 +281,14 @@ def _without_closed_loop_noise(excepthook):
     write) after orbax gave up on a failed save: the save's own error is what the run reports."""
 
     def hook(kind, error, tb) -> None:
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if not _is_closed_loop_noise(error):
             excepthook(kind, error, tb)
 
     return hook
+
+
+def _is_closed_loop_noise(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def _train(config, prog: str, verbose: bool) -> int:
