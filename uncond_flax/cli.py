@@ -266,7 +266,6 @@ def quiet_library_tracebacks() -> None:
     pylogging.getLogger("absl").addFilter(_without_traceback)  # orbax logs through absl
     for handler in pylogging.getLogger().handlers:
         handler.addFilter(_without_traceback)
-    sys.excepthook = _without_closed_loop_noise(sys.excepthook)
     previous_unraisable = sys.unraisablehook
 
     def unraisable(info) -> None:  # tensorstore reports its callbacks' errors as unraisable
@@ -274,17 +273,6 @@ def quiet_library_tracebacks() -> None:
             previous_unraisable(info)
 
     sys.unraisablehook = unraisable
-
-
-def _without_closed_loop_noise(excepthook):
-    """`sys.excepthook`, minus the "Event loop is closed" errors tensorstore's callbacks print (one per pending
-    write) after orbax gave up on a failed save: the save's own error is what the run reports."""
-
-    def hook(kind, error, tb) -> None:
-        if not _is_closed_loop_noise(error):
-            excepthook(kind, error, tb)
-
-    return hook
 
 
 def _is_closed_loop_noise(error: BaseException | None) -> bool:

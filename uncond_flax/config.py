@@ -39,6 +39,11 @@ class ConfigError(ValueError):
     """A bad config, dataset or path, found before anything compiles; the message is one line."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (orbax, tensorstore and the Hub client write several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _check_int(config: Any, key: str, minimum: int, hint: str = "") -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

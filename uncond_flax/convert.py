@@ -31,11 +31,6 @@ class CheckpointError(ValueError):
     """A checkpoint path that names no checkpoint, or one that cannot be read; the message is one line."""
 
 
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (orbax and the Hub client write several)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def locate_checkpoint(path: str) -> tuple[str, int | None]:
     """(checkpoints directory, step) for a step directory (`.../checkpoints/1500`); (directory, None: its newest
     step) for a checkpoints directory or a run's output_dir."""
@@ -131,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     args = parser.parse_args(argv)
     from uncond_flax.cli import quiet_library_tracebacks
+    from uncond_flax.config import one_line
 
     quiet_library_tracebacks()  # a damaged checkpoint is our one line, not orbax's traceback of it
     try:

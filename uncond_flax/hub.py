@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from uncond_flax import storage
+from uncond_flax.config import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class HubRepo:
             ) from None
 
     def _redact(self, error: BaseException) -> str:
-        text = " ".join(str(error).split()) or type(error).__name__
+        text = one_line(error)
         return text.replace(self._token, "***") if self._token else text
 
     def push(self, output_dir: str, commit_message: str) -> bool:

@@ -336,11 +336,10 @@ def _save_png(image_HWC: np.ndarray, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from uncond_flax.convert import one_line
-    from uncond_flax.parallel import make_mesh
-
     from uncond_flax.cli import quiet_library_tracebacks
     from uncond_flax.compile_cache import enable_compile_cache
+    from uncond_flax.config import one_line
+    from uncond_flax.parallel import make_mesh
 
     args = _parser().parse_args(argv)
     quiet_library_tracebacks()

@@ -15,7 +15,14 @@ import ml_collections
 from uncond_flax import storage
 from uncond_flax.checkpointing import CheckpointCorrupt, Preempted, PreemptionWatch, abstract_like, prepare
 from uncond_flax.compile_cache import enable_compile_cache
-from uncond_flax.config import ConfigError, noise_scheduler_for, preview_scheduler_for, resolve_config, storable
+from uncond_flax.config import (
+    ConfigError,
+    noise_scheduler_for,
+    one_line,
+    preview_scheduler_for,
+    resolve_config,
+    storable,
+)
 from uncond_flax.data import BadImageError, build_train_loader
 from uncond_flax.epoch_end import EpochEnd, first_epoch
 from uncond_flax.finite import all_finite
@@ -38,10 +45,6 @@ class TrainingError(RuntimeError):
     """The run had to stop (non-finite steps, a full disk, a failed Hub push); the message is one line."""
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _write_failed(what: str, error: BaseException) -> TrainingError:
     """A failed write as one line; a full disk says what to do (orbax's tensorstore reports it as a ValueError)."""
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
@@ -49,7 +52,7 @@ def _write_failed(what: str, error: BaseException) -> TrainingError:
             f"no space left on the device while writing {what}; free space, then resume with "
             "--config.resume_from_checkpoint=latest (the checkpoints before it are intact)"
         )
-    return TrainingError(f"could not write {what}: {_one_line(error)}")
+    return TrainingError(f"could not write {what}: {one_line(error)}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
@@ -82,7 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             run.close()
         if loader is not None:
             loader.close()
-        raise ConfigError(_one_line(e)) from e
+        raise ConfigError(one_line(e)) from e
     main = is_main_process()
     watch = PreemptionWatch(checkpointer)
     writer = step_log = None
@@ -99,13 +102,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             try:  # the newest candidate that verifies (`latest` skips damaged ones, saying so)
                 resume_step, state, data_state = run.restore(abstract_like(abstract, shardings))
             except CheckpointCorrupt as e:
-                raise ConfigError(_one_line(e)) from e
+                raise ConfigError(one_line(e)) from e
             source = run.source
             try:
                 loader.set_state(data_state)
             except ValueError as e:
                 raise ConfigError(
-                    f"checkpoint {resume_step} in {source.directory}: {_one_line(e)}; resume with the same seed, "
+                    f"checkpoint {resume_step} in {source.directory}: {one_line(e)}; resume with the same seed, "
                     "dataset and global batch (train_batch_size x devices, gradient_accumulation_steps), "
                     "or start fresh"
                 ) from e
@@ -213,9 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             raise TrainingError(f"push_to_hub: the last upload to {hub_repo.repo_id} failed (see the log above)")
         return state
     except OSError as e:
-        raise (_write_failed("the run's outputs", e) if e.errno == errno.ENOSPC else TrainingError(_one_line(e))) from e
+        raise (_write_failed("the run's outputs", e) if e.errno == errno.ENOSPC else TrainingError(one_line(e))) from e
     except (FloatingPointError, BadImageError) as e:
-        raise TrainingError(_one_line(e)) from e
+        raise TrainingError(one_line(e)) from e
     finally:
         failing = sys.exc_info()[1] is not None
         closers = [step_log and step_log.close, writer and writer.close, watch.close, run.close, loader.close]
@@ -225,4 +228,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             except Exception as e:  # noqa: BLE001 -- an error already on its way out stays the one reported
                 if not failing:
                     raise _write_failed("the run's outputs", e) from e
-                logger.warning("while stopping: %s", _one_line(e))
+                logger.warning("while stopping: %s", one_line(e))
