@@ -40,7 +40,7 @@ def measure(what: str, preset: str, cache_dir: str) -> dict:
 
     config = bench_config(preset, "no", batch=16 if preset != "tiny" else 8)
     if what == "train":
-        _, _, _, seconds = compile_step(config)
+        _, _, _, seconds, _ = compile_step(config)
     else:
         import jax
 

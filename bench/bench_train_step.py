@@ -5,6 +5,7 @@
     python bench/bench_train_step.py --model default --batch-size 4 --steps 5   # a quicker look
     python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
+    python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
         --jax "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"   # one lever each
     taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
@@ -13,7 +14,7 @@ Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + 
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
-variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` (uncond_flax.models.layers.implementations), any
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` (models.layers.implementations), any
 other key an XLA compiler option for that variant's step alone. No `--jax`: one variant, as the trainer runs.
 Not a test.
 """
@@ -81,7 +82,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     from uncond_flax.train_state import create_train_state
 
     options = dict(variant)
-    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention")}
+    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
 
     config = resolve_config(config)
     mesh = make_mesh(devices=jax.devices()[:1])

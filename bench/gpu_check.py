@@ -35,6 +35,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from uncond_flax.errors import one_line  # noqa: E402 -- standard library only, after the path is set
+
 RESULT_PREFIX = "RESULT "
 
 # Sizes per preset. "default": train_unconditional's default UNet at 64 px; "small": the issue's small CPU config;
@@ -51,12 +53,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {"model": "small", "resolution": 32, "batch": 8, "steps": 3, "torch_precision": "no", "train_steps": 200},
     "tiny": {"model": "tiny", "resolution": 8, "batch": 16, "steps": 2, "torch_precision": "no", "train_steps": 60},
 }
-# Seconds per section with the default preset on a GPU (about 6 minutes with process starts); scaled for the others.
-# Run in this order; fp32 comes last and gets what is left of the total.
-# Measured on one H100 (2026-11-26): the default UNet's bf16 step did not finish compiling (with XLA's autotuning)
-# within 110 s, and with --xla_gpu_autotune_level=0 it compiled in 57 s; torch's section needs about 40 s.
-BUDGETS = {"env": 20, "jax-step:bf16": 180, "torch-step": 45, "tiny-train": 40, "attention": 20, "jax-step:no": 60}
-TOTAL_LIMIT_S = 335.0
+# Seconds per section with the default preset on a GPU (6 minutes with process starts); scaled for the others.
+# Run in this order; fp32 comes last and gets what is left of the total. Measured on one H100 (2026-11-26, jax
+# 0.11.2) with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (gpu_check.sh's default): bf16 41 s to create the
+# state + 79 s to compile; fp32 33 s + 49 s; torch's section 23 s. With Triton GEMMs left on, XLA's autotuning
+# had not finished compiling the bf16 step after 110 s; with --xla_gpu_autotune_level=0 it compiles in 57 s but
+# cuDNN's untuned convolutions make a step take 30 s instead of 42 ms.
+BUDGETS = {"env": 15, "jax-step:bf16": 150, "torch-step": 40, "tiny-train": 35, "attention": 20, "jax-step:no": 110}
+TOTAL_LIMIT_S = 350.0
 PRESET_TIME_SCALE = {"default": 1.0, "small": 4.0, "tiny": 2.0}
 
 
@@ -144,11 +148,14 @@ def _peak_bytes(device: Any) -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
-def compile_step(config: Any) -> tuple[Any, Any, Any, float]:
-    """(compiled train step, fresh state, images sharding, compile seconds): the trainer's step, shardings and
-    donation. Programs are equal for equal configs, so a second call is served by the compilation cache."""
+def compile_step(config: Any) -> tuple[Any, Any, Any, float, float | None]:
+    """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
+    trainer's step, shardings and donation. Programs are equal for equal configs, so a second call is served by
+    the compilation cache."""
     import jax
+
     from uncond_flax.config import noise_scheduler_for
+    from uncond_flax.flops import step_flops
     from uncond_flax.optim import lr_schedule_for, make_optimizer
     from uncond_flax.parallel import make_mesh
     from uncond_flax.step import jit_train_step, make_train_step
@@ -157,7 +164,9 @@ def compile_step(config: Any) -> tuple[Any, Any, Any, float]:
     mesh = make_mesh()
     # constant_with_warmup (bench_config): the program does not depend on the number of steps.
     tx = make_optimizer(config, 10_000)
+    start = time.perf_counter()
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
+    _say(f"  state created in {time.perf_counter() - start:.1f} s")
     step_fn = make_train_step(
         graphdef,
         tx=tx,
@@ -169,8 +178,13 @@ def compile_step(config: Any) -> tuple[Any, Any, Any, float]:
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     start = time.perf_counter()
-    compiled = jitted.lower(state, jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)).compile()
-    return compiled, state, images_sharding, time.perf_counter() - start
+    traced = jitted.trace(state, jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding))
+    lowered = traced.lower()
+    lowering_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    _say(f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s")
+    return compiled, state, images_sharding, seconds, step_flops(traced, jax.device_count())
 
 
 def jax_step(config: Any, steps: int) -> dict[str, Any]:
@@ -178,19 +192,18 @@ def jax_step(config: Any, steps: int) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from uncond_flax.flops import mfu, peak_flops, step_flops
+    from uncond_flax.flops import mfu, peak_flops
 
-    compiled, state, images_sharding, compile_s = compile_step(config)
+    compiled, state, images_sharding, compile_s, flops = compile_step(config)
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
-    flops = step_flops(compiled)
-    _say(f"  compile {compile_s:.1f} s; XLA counts {flops or 0:.3e} FLOPs per step per device")
-    start = time.perf_counter()
-    for _ in range(2):  # warm-up: first runs allocate and (on GPU) autotune
+    _say(f"  compile {compile_s:.1f} s; {flops or 0:.3e} FLOPs per step per device")
+    for i in range(2):  # warm-up: first runs allocate (and on GPU may autotune); timed one by one, printed as they go
+        start = time.perf_counter()
         state, metrics = compiled(state, images)
-    jax.block_until_ready(metrics)
-    _say(f"  2 warm-up steps in {time.perf_counter() - start:.1f} s")  # so a section cut short shows how far it got
+        jax.block_until_ready(metrics)
+        _say(f"  warm-up step {i + 1}: {time.perf_counter() - start:.3f} s")
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = compiled(state, images)
@@ -295,7 +308,7 @@ def section_torch_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def training_images(resolution: int, count: int = 1797) -> tuple[Any, str]:
-    """uint8 (N, r, r, 1): scikit-learn's real digits (nearest-upscaled), else bars (the GPU machine may lack sklearn)."""
+    """uint8 (N, r, r, 1): scikit-learn's digits (nearest-upscaled), else bars (the GPU machine may lack sklearn)."""
     import numpy as np
 
     try:
@@ -322,7 +335,7 @@ def tiny_train(steps: int, batch: int = 64, seed: int = 0) -> dict[str, Any]:
 
     config = bench_config("tiny", "no", batch)
     data, source = training_images(config.resolution)
-    step_fn, state, images_sharding, _ = compile_step(config)
+    step_fn, state, images_sharding, _, _ = compile_step(config)
     rng = np.random.default_rng(seed)
     global_batch = config.train_batch_size * jax.device_count()
     losses = []
@@ -379,7 +392,7 @@ def attention_check(preset: str) -> dict[str, Any]:
                 times[impl] = (time.perf_counter() - start) / 20
                 _say(f"  {key} {impl}: {times[impl] * 1e6:.1f} us")
             except Exception as e:  # noqa: BLE001 -- cuDNN is absent on CPU and refuses some shapes
-                _say(f"  {key} {impl}: unavailable ({_one_line(e)})")
+                _say(f"  {key} {impl}: unavailable ({type(e).__name__}: {one_line(e)[:300]})")
         entry: dict[str, Any] = {f"{impl}_us": t * 1e6 for impl, t in times.items()}
         if len(outputs) == 2:
             diff = float(jnp.max(jnp.abs(outputs["xla"].astype(jnp.float32) - outputs["cudnn"].astype(jnp.float32))))
@@ -404,11 +417,6 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 # --------------------------------------------------------------------------------------------------------------
 # driver: every section in a child process with a hard time limit
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 def _gib(x: float | None) -> str:
@@ -474,7 +482,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"{key:<16} {r['device_count']} x {r['device_kind']} ({r['backend']}), jax {r['jax']}")
         elif r["section"] == "jax-step":
             lines.append(
-                f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:6.1f} s  "
+                f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  "
+                f"compile {r['compile_s']:6.1f} s  "
                 f"MFU {_pct(r['mfu'])}  peak mem {_gib(r['peak_memory_gib'])}  (batch {r['batch']}, "
                 f"{r['resolution']} px)"
             )
@@ -593,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args.section, SECTIONS[args.section](args))
     except Exception as e:  # noqa: BLE001 -- a failed section reports its error; the driver goes on
         traceback.print_exc()
-        _report(args.section, {"error": _one_line(e)})
+        _report(args.section, {"error": f"{type(e).__name__}: {one_line(e)[:300]}"})
     return 0
 
 

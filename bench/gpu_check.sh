@@ -6,7 +6,9 @@
 #                    bash bench/gpu_check.sh                  # results also in $OUT/gpu_check.json when $OUT is set
 #
 # Every section of bench/gpu_check.py runs in its own process under its own time limit, and prints as it goes;
-# this whole script is cut at GPU_CHECK_LIMIT_S (default 345) seconds so it never overruns the 6 minutes.
+# this whole script is cut at GPU_CHECK_LIMIT_S (default 360) seconds so it never overruns the 6 minutes.
+# XLA_FLAGS defaults to --xla_gpu_enable_triton_gemm=false: cuBLAS for the few matrix products, which keeps XLA's
+# autotuning (and so the compile) short; never --xla_gpu_autotune_level=0 (a 30 s step: see gpu_check.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
@@ -22,6 +24,7 @@ else
   echo "gpu_check.sh: no .whl/ here (run bash ../shared/gpu/fetch_wheels.sh and carry .whl); using what is installed"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export XLA_FLAGS="${XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 # -k: a driver that ignores SIGTERM is killed 5 s later; the sections' children die with their own limits.
-exec timeout -k 5 "${GPU_CHECK_LIMIT_S:-345}" python3 -u bench/gpu_check.py "$@"
+exec timeout -k 5 "${GPU_CHECK_LIMIT_S:-360}" python3 -u bench/gpu_check.py "$@"

@@ -73,6 +73,18 @@ def test_shipped_config_names_resolve_and_unknown_ones_are_one_line(tmp_path):
     ]
 
 
+def test_the_entry_point_module_imports_only_the_standard_library():
+    # --help answers at once and the early SIGTERM handler is in place before JAX loads only while importing cli
+    # (and what it imports up front: uncond_flax.errors) loads nothing outside the standard library.
+    code = (
+        "import sys; before = set(sys.modules); import uncond_flax.cli; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['uncond_flax']"
+
+
 def test_none_overrides_unset_optional_fields_and_the_last_override_wins():
     argv = [
         "prog",
@@ -100,7 +112,7 @@ def test_none_overrides_unset_optional_fields_and_the_last_override_wins():
     with pytest.raises(TypeError):
         config.max_train_steps = "3"
     for field, message in (
-        ("resolution", "resolution may not be None (it is 16 here)"),
+        ("resolution", f"resolution may not be None (it is {config.resolution} here)"),
         ("distributed", "distributed may not be None"),
         ("model.in_channels", "model.in_channels may not be None"),
         ("resolutio", "no such field"),
@@ -124,7 +136,7 @@ def test_none_reaches_the_config_from_the_command_line():
 def test_bad_override_is_one_line_and_verbose_shows_the_traceback_behind_it():
     quiet = _run("--config=digits", "--config.resolution=None")
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
-    line = "train_flax.py: error: --config.resolution=None: resolution may not be None (it is 16 here); give a value"
+    line = "train_flax.py: error: --config.resolution=None: resolution may not be None (it is 8 here); give a value"
     assert quiet.stderr.strip().splitlines() == [line]
 
     loud = _run("--config=digits", "--config.resolution=None", "--verbose")

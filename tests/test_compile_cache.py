@@ -86,3 +86,32 @@ def test_an_unwritable_cache_dir_warns_and_the_run_goes_on(tmp_path):
     out = _start(tmp_path, str(blocker / "cache"))
     assert "cache dir: None" in out and "compilation cache off: cannot create" in out
     assert "result:" in out
+
+
+def test_train_step_program_grows_linearly_with_the_parameter_leaves():
+    """Every leaf's update reads one finiteness flag. Computed as a chain of per-leaf scalars, XLA fuses a copy
+    of the whole chain into each leaf's update (leaves^2 instructions): slower to compile, and the executable is
+    slower to load from the persistent cache (XLA:CPU's deserialisation grows with the instruction count)."""
+    import jax
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+    from tiny_digits import get_config
+
+    from uncond_flax.config import noise_scheduler_for, resolve_config
+    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from uncond_flax.parallel import make_mesh
+    from uncond_flax.step import jit_train_step, make_train_step
+    from uncond_flax.train_state import train_state_layout
+
+    config = resolve_config(get_config())
+    mesh, tx = make_mesh(devices=jax.devices()[:1]), make_optimizer(config, 10)  # one device compiles faster
+    graphdef, _, abstract, shardings, _ = train_state_layout(config, mesh, tx)
+    step_fn = make_train_step(
+        graphdef, tx=tx, lr_fn=lr_schedule_for(config, 10), noise_scheduler=noise_scheduler_for(config), config=config
+    )
+    jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
+    batch = (1, config.train_batch_size, 8, 8, 1)
+    text = jitted.lower(abstract, jax.ShapeDtypeStruct(batch, "uint8", sharding=images_sharding)).compile().as_text()
+    leaves = len(jax.tree_util.tree_leaves(abstract.params))
+    # 74 leaves: about 300 `and`s with one flag, about 17,000 with a copy of the chain in every update.
+    assert text.count(" and(") < 10 * leaves, text.count(" and(")

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 from fixtures.data_factory import gradient
 
+from uncond_flax.data import BatchLayout, ImageSource, StepReader
 from uncond_flax.data.transforms import (
     BadImageError,
     center_crop_offsets,
@@ -16,11 +17,44 @@ from uncond_flax.data.transforms import (
     example_rng,
     image_mode,
     load_resized,
-    preprocess,
     random_crop_offsets,
     resize_shorter_side,
     resized_size,
 )
+
+
+class _OneImage(ImageSource):
+    name = "one image"
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return 1
+
+    def get_raw(self, index: int):
+        return self.raw
+
+    @property
+    def fingerprint(self) -> str:
+        return "one image"
+
+
+def loader_transform(raw, *, resolution: int, mode: str, center_crop: bool, random_flip: bool, **kw) -> np.ndarray:
+    """What the loader makes of one example (``StepReader.read_example``: decode, resize, crop, flip), drawn
+    with the random stream ``example_rng(0, 0, 0)``; ``kw``: ``preserve_input_precision``."""
+    layout = BatchLayout(num_examples=1, accumulation_steps=1, global_batch_size=1, rows=(0,), seed=0)
+    reader = StepReader(
+        _OneImage(raw),
+        layout,
+        resolution=resolution,
+        mode=mode,
+        center_crop=center_crop,
+        random_flip=random_flip,
+        skip_bad_images=False,
+        **kw,
+    )
+    return reader.read_example(0, 0, [])
 
 
 def _png(image: PIL.Image.Image, **kw) -> bytes:
@@ -109,19 +143,30 @@ def test_crop_position_and_flip_values():
 def test_random_crop_covers_all_positions_and_is_keyed_by_seed_epoch_index():
     seen = {random_crop_offsets(20, 18, 16, example_rng(0, 0, i)) for i in range(400)}
     assert seen == {(top, left) for top in range(5) for left in range(3)}
-    draw = lambda *key: random_crop_offsets(100, 100, 16, example_rng(*key))
+
+    def draw(*key):
+        return random_crop_offsets(100, 100, 16, example_rng(*key))
+
     assert draw(1, 2, 3) == draw(1, 2, 3)
     assert len({draw(1, e, 3) for e in range(10)}) > 1  # a new crop every epoch
     assert len({draw(s, 2, 3) for s in range(10)}) > 1
 
 
-def test_preprocess_range_dtype_shape():
-    raw = _png(PIL.Image.fromarray(gradient(37, 50, 250)))
-    out = preprocess(raw, resolution=16, mode="RGB", center_crop=False, random_flip=True, rng=example_rng(0, 0, 0))
+def test_loader_transform_range_dtype_shape():
+    image = gradient(37, 50, 250)  # G = x, B = y
+    raw = _png(PIL.Image.fromarray(image))
+    out = loader_transform(raw, resolution=16, mode="RGB", center_crop=False, random_flip=True)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert out[..., 0].min() >= 249  # constant channel stays constant through resize (no normalisation here)
-    gray = preprocess(raw, resolution=16, mode="L", center_crop=True, random_flip=False, rng=example_rng(0, 0, 0))
+    gray = loader_transform(raw, resolution=16, mode="L", center_crop=True, random_flip=False)
     assert gray.shape == (16, 16, 1)
+    # The resize comes before the crop: 37x50 -> 16x21 (torchvision's Resize(16)), then a 16x16 centre crop of
+    # its columns 2..17 (round(5 / 2) = 2), with no flip.
+    resized = np.asarray(resize_shorter_side(PIL.Image.fromarray(image), 16))
+    assert resized.shape == (16, 21, 3)
+    np.testing.assert_array_equal(
+        loader_transform(raw, resolution=16, mode="RGB", center_crop=True, random_flip=False), resized[:, 2:18]
+    )
 
 
 def test_modes_rgba_palette_cmyk_gray_to_rgb():
@@ -203,13 +248,12 @@ def diffusers_precision_path(decoded: np.ndarray, resolution: int, channels: int
 
 
 def _precise(raw, resolution: int, mode: str = "RGB", preserve_input_precision: bool = True) -> np.ndarray:
-    out = preprocess(
+    out = loader_transform(
         raw,
         resolution=resolution,
         mode=mode,
         center_crop=True,
         random_flip=False,
-        rng=example_rng(0, 0, 0),
         preserve_input_precision=preserve_input_precision,
     )
     return out.astype(np.float64) / np.iinfo(out.dtype).max * 2 - 1  # what the step feeds the model
@@ -237,14 +281,8 @@ def test_16bit_png_follows_diffusers_precision_path(mode):
     assert ours.shape == reference.shape == (16, 16, 3 if mode == "RGB" else 1)
     assert np.abs(ours - reference).max() < PRECISE_ATOL
     assert (
-        preprocess(
-            png,
-            resolution=16,
-            mode=mode,
-            center_crop=True,
-            random_flip=False,
-            rng=example_rng(0, 0, 0),
-            preserve_input_precision=True,
+        loader_transform(
+            png, resolution=16, mode=mode, center_crop=True, random_flip=False, preserve_input_precision=True
         ).dtype
         == np.uint16
     )
@@ -254,14 +292,8 @@ def test_16bit_png_follows_diffusers_precision_path(mode):
 def test_levels_closer_than_8_bits_stay_apart():
     ramp = (30000 + np.arange(16 * 16).reshape(16, 16)).astype(np.uint16)  # 256 levels within one 8-bit step
     png = _encoded(ramp, "PNG")
-    out = preprocess(
-        png,
-        resolution=16,
-        mode="L",
-        center_crop=True,
-        random_flip=False,
-        rng=example_rng(0, 0, 0),
-        preserve_input_precision=True,
+    out = loader_transform(
+        png, resolution=16, mode="L", center_crop=True, random_flip=False, preserve_input_precision=True
     )
     np.testing.assert_array_equal(out[..., 0], ramp)  # no resize at 16: every level exactly
     eight_bit = load_resized(png, 16, "L")

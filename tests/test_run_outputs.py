@@ -1,6 +1,7 @@
 """A run's outputs survive interruptions whole: epoch-end work after a resume, a repaired metrics file, a full
 disk, no secret written anywhere, one random stream per purpose."""
 
+import errno
 import json
 import os
 import shutil
@@ -98,7 +99,10 @@ def test_a_full_disk_stops_with_one_line_and_resume_continues_cleanly(tmp_path):
         )
         assert full.returncode == 1, full.stderr[-3000:]
         last = full.stderr.strip().splitlines()[-1]
-        assert last.startswith("train_flax.py: error:") and "no space left" in last.lower(), last
+        assert last.startswith("train_flax.py: error: no space left on the device while writing "), last
+        assert last.endswith(
+            "free space, then resume with --config.resume_from_checkpoint=latest (the checkpoints before it are intact)"
+        ), last
         assert "Traceback" not in full.stderr
         saved = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
         assert saved, "the run should have saved a checkpoint before the disk filled"
@@ -116,6 +120,32 @@ def test_a_full_disk_stops_with_one_line_and_resume_continues_cleanly(tmp_path):
             steps = [json.loads(line)["step"] for line in f]
         assert steps == list(range(1, 41))
     finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path):
+    # A write through an open file names no file by itself; the trainer's one-line message needs the path.
+    from uncond_flax.metrics import METRICS_FILE, MetricWriter
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "64k")
+    writer = MetricWriter("tensorboard", str(disk / "logs"), {})
+    try:
+        with pytest.raises(OSError) as error:
+            with open(disk / "filler", "wb") as filler:
+                while True:
+                    filler.write(b"\0" * 4096)
+                    filler.flush()
+        assert error.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as error:
+            for step in range(1, 10_000):
+                writer.scalars(step, {"loss": 0.5})
+            writer.flush()
+        assert error.value.errno == errno.ENOSPC
+        assert error.value.filename == str(disk / "logs" / METRICS_FILE)
+    finally:
+        (disk / "filler").unlink(missing_ok=True)  # room for tensorboard's last flush, then nothing holds the disk
+        writer.close()
         subprocess.run(["umount", str(disk)], check=False)
 
 

@@ -266,9 +266,12 @@ def test_bfloat16_compute_keeps_float32_params():
         (dict(up_block_types=("AttnSkipUpBlock2D", "UpBlock2D")), "up_block_types contains 'AttnSkipUpBlock2D'"),
         (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "mid_block_type='UNetMidBlock2DCrossAttn'"),
         (dict(time_embedding_type="sinusoid"), "time_embedding_type='sinusoid'"),
-        (dict(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift='spatial'"),
+        (
+            dict(resnet_time_scale_shift="spatial"),
+            "resnet_time_scale_shift='spatial' is not supported; choose one of 'default', 'scale_shift'.",
+        ),
         (dict(downsample_type="fir"), "downsample_type='fir'"),
-        (dict(act_fn="tanh"), "act_fn='tanh'"),
+        (dict(act_fn="tanh"), "act_fn='tanh' is not supported; choose one of 'swish', 'silu', 'mish', 'gelu', 'relu'."),
         (dict(norm_num_groups=7), "norm_num_groups=7"),
         (dict(block_out_channels=(32, 64, 64)), "same length"),
         (dict(cross_attention_dim=768), "unknown UNet2DModel config keys ['cross_attention_dim']"),
@@ -335,7 +338,9 @@ def test_compute_implementations_match_diffusers_forward_and_gradient(conv, atte
 
 def test_unknown_compute_implementation_is_a_clear_error():
     for kind, name in (("conv", "winograd"), ("attention", "flash")):
-        with pytest.raises(ValueError, match=f"{kind} implementation '{name}' is not supported; choose one of"):
+        with pytest.raises(
+            ValueError, match=f"implementations: {kind}='{name}' is not supported; choose one of 'auto',"
+        ):
             implementations(**{kind: name}).__enter__()
 
 

@@ -8,6 +8,10 @@ mid-save leaves the previous checkpoint intact, and the leftover temporary direc
 `prepare` is how a run starts: it locks output_dir for this run (`run_lock`), applies the rules for a used
 output_dir (a fresh start needs `overwrite_output_dir`; resuming an older step moves the newer ones aside), and
 picks the checkpoints to resume from; `RunCheckpoints.restore` then restores the newest one that verifies.
+
+With several processes, every choice that depends on what storage holds (the steps there, which to resume, whether
+one is complete, compatible and intact) is made by process 0 and sent to the others (`process_0_decides`): hosts
+never decide from what they each happen to see. A local output_dir must be one that all hosts see.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from uncond_flax import storage
 from uncond_flax.finite import all_finite
-from uncond_flax.run_lock import LockHeld, RunLock, lock_store_for
+from uncond_flax.parallel import check_shared_dir, first_failure, process_0_decides
+from uncond_flax.run_lock import RunLock, lock_store_for
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +210,9 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
             enable_async_checkpointing=True,
+            # With several processes, process 0 lists the steps and sends the list to the others (at creation and
+            # each reload): `all_steps` and `latest_step` are the same everywhere. Ignored by a single process.
+            single_host_load_and_broadcast=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -247,7 +254,11 @@ class Checkpointer:
         )
 
     def problem(self, step: int) -> str | None:
-        """Why checkpoint `step` is incomplete (the first missing file), or None; reads no arrays."""
+        """Why checkpoint `step` is incomplete (the first missing file), or None; reads no arrays (process 0's view
+        with several processes)."""
+        return process_0_decides(lambda: self._problem(step))
+
+    def _problem(self, step: int) -> str | None:
         step_dir = self.step_dir(step)
         needed = [storage.join(step_dir, COMMIT_FILE)]
         for item in ITEMS:
@@ -260,50 +271,71 @@ class Checkpointer:
         missing = next((path for path in needed if not storage.exists(path)), None)
         return f"{missing} is missing" if missing else None
 
-    def _read(self, step: int, **items: Any) -> Any:
-        """orbax's restore of `items`, any failure as CheckpointCorrupt (orbax and tensorstore raise many types)."""
+    def _check_complete(self, step: int) -> None:
         problem = self.problem(step)
         if problem:
             raise CheckpointCorrupt(f"checkpoint {step} in {self.directory} is incomplete: {problem}")
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            raise CheckpointCorrupt(f"checkpoint {step} in {self.directory} cannot be read: {_first_line(e)}") from e
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointCorrupt:
+        # orbax and tensorstore raise many types
+        return CheckpointCorrupt(f"checkpoint {step} in {self.directory} cannot be read: {_first_line(error)}")
 
     def read_config(self, step: int) -> dict:
-        return self._read(step, config=ocp.args.JsonRestore()).config
+        """The run config saved with `step` (process 0 reads it; all processes get it). Raises CheckpointCorrupt."""
+
+        def read() -> dict:
+            self._check_complete(step)
+            try:  # the item's handler alone: the manager's restore is a collective, and only process 0 reads
+                return ocp.JsonCheckpointHandler().restore(storage.epath(storage.join(self.step_dir(step), "config")))
+            except Exception as e:
+                raise self._unreadable(step, e) from e
+
+        return process_0_decides(read)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state placed as `abstract_state`'s shardings say, data position): any device count can restore.
 
         Raises CheckpointCorrupt if the checkpoint is incomplete or differs from the checksums saved with it.
         """
-        verify = storage.exists(storage.join(self.step_dir(step), "integrity"))
+        self._check_complete(step)
+        verify = process_0_decides(lambda: storage.exists(storage.join(self.step_dir(step), "integrity")))
         items = {
             "state": ocp.args.StandardRestore(abstract_state),
             "data": ocp.args.JsonRestore(),
         }
         if verify:
             items.update(config=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore())
-        restored = self._read(step, **items)
+        # Every process reads its shards; if any cannot, all skip this step together.
+        restored = error = None
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            error = e
+        failure = first_failure(None if error is None else str(self._unreadable(step, error)))
+        if failure is not None:
+            raise CheckpointCorrupt(failure) from error
         if not verify:
             logger.warning(
                 "checkpoint %d in %s has no checksums (an older version wrote it)",
                 step,
                 self.directory,
             )
-            return restored.state, restored.data
-        saved = restored.integrity
-        sums = _named_sums(_checksums(restored.state))
-        damaged = sorted(k for k in set(sums) | set(saved["arrays"]) if sums.get(k) != saved["arrays"].get(k))
-        damaged += [k for k in ("data", "config") if _digest(getattr(restored, k)) != saved[k]]
+            return restored.state, process_0_decides(lambda: restored.data)
+        sums = _named_sums(_checksums(restored.state))  # a collective: the same sums on every process
+
+        def verdict() -> tuple[list[str], dict]:
+            saved = restored.integrity
+            damaged = sorted(k for k in set(sums) | set(saved["arrays"]) if sums.get(k) != saved["arrays"].get(k))
+            return damaged + [k for k in ("data", "config") if _digest(getattr(restored, k)) != saved[k]], restored.data
+
+        damaged, data = process_0_decides(verdict)  # process 0's reading of the checksums and data position
         if damaged:
             more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
             raise CheckpointCorrupt(
                 f"checkpoint {step} in {self.directory} is damaged: the checksums saved with it do not match "
                 f"{', '.join(damaged[:3])}{more}"
             )
-        return restored.state, restored.data
+        return restored.state, data
 
     def _move_steps(self, steps: list[int], destination: str | None) -> None:
         """Move the step folders into `destination` (None: delete them); process 0 acts, then all reload."""
@@ -356,22 +388,20 @@ def _check_compatible(source: Checkpointer, step: int, config: dict) -> None:
 
 
 def _lock_output_dir(directory: str, output_dir: str) -> RunLock | None:
-    """Process 0 locks the run's checkpoints folder; every process raises LockHeld if it could not."""
-    lock = error = None
-    if jax.process_index() == 0:
+    """Process 0 locks the run's checkpoints folder (the others get None); every process raises its LockHeld if
+    it could not."""
+    lock = None
+
+    def take() -> None:
+        nonlocal lock
         storage.makedirs(directory)
         store = lock_store_for(directory)
         if store is None:
             logger.warning("no run lock for %s yet: make sure no other run writes there", directory)
         else:
-            try:
-                lock = RunLock(store, f"output_dir {output_dir}").acquire()
-            except LockHeld as e:
-                error = e
-    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
-        error = error or LockHeld(f"output_dir {output_dir} is in use by another run (process 0 names it)")
-    if error is not None:
-        raise error
+            lock = RunLock(store, f"output_dir {output_dir}").acquire()
+
+    process_0_decides(take)
     return lock
 
 
@@ -400,7 +430,7 @@ class RunCheckpoints:
         run's own folder (an abandoned trajectory, or damaged) are moved aside. Raises CheckpointCorrupt."""
         for i, step in enumerate(self.candidates):
             try:
-                if i > 0:  # the first was checked in `prepare`
+                if i > 0:  # the first was checked in `prepare`; process 0 reads the config for all
                     _check_compatible(self.source, step, self.config)
                 state, data = self.source.restore(step, abstract_state)
             except CheckpointCorrupt as e:
@@ -441,17 +471,19 @@ class RunCheckpoints:
 def prepare(config: Any) -> RunCheckpoints:
     """Take output_dir for this run and decide where it starts, before anything compiles (every process).
 
-    Raises ValueError (one line) for an output_dir another live run holds, a fresh start over an
-    earlier run's checkpoints without `overwrite_output_dir`, or a resume step that is missing or incompatible.
+    Raises ValueError (one line) for a local output_dir that not all processes see, an output_dir another live run
+    holds, a fresh start over an earlier run's checkpoints without `overwrite_output_dir`, or a resume step that is
+    missing or incompatible.
     """
     limit = config.checkpoints_total_limit  # >= 1 (resolve_config): orbax's 0 would delete every checkpoint
     directory = checkpoint_dir(config)
+    check_shared_dir(storage.abspath(config.output_dir))
     lock = _lock_output_dir(directory, config.output_dir)
     checkpointer = source = None
     try:
         checkpointer = Checkpointer(directory, max_to_keep=limit)
         checkpointer.lock = lock
-        resume_dir, resume_at = resolve_resume(config.resume_from_checkpoint, directory)
+        resume_dir, resume_at = process_0_decides(lambda: resolve_resume(config.resume_from_checkpoint, directory))
         resume_dir = storage.abspath(resume_dir)
         own = checkpointer.all_steps()
         if own and (resume_at is None or resume_dir != directory):
@@ -475,17 +507,23 @@ def prepare(config: Any) -> RunCheckpoints:
                 f"no checkpoint for step {resume_at} in {source.directory} (found {steps or 'none'})"
             )
         run = RunCheckpoints(checkpointer, source, [], resume_at != "latest", settings, lock)
-        for step in [resume_at] if run.explicit else reversed(steps):
-            try:
-                if not run.candidates:  # the newest readable one must fit this config (the rest: on restore)
-                    _check_compatible(source, step, settings)
-            except CheckpointCorrupt as e:
-                if run.explicit:
-                    raise
-                logger.warning("resume_from_checkpoint=latest: skipping %s", e)
-                run.skipped[step] = str(e)
-                continue
-            run.candidates.append(step)
+
+        def pick() -> tuple[list[int], dict[int, str]]:
+            candidates, skipped = [], {}
+            for step in [resume_at] if run.explicit else reversed(steps):
+                try:
+                    if not candidates:  # the newest readable one must fit this config (the rest: on restore)
+                        _check_compatible(source, step, settings)
+                except CheckpointCorrupt as e:
+                    if run.explicit:
+                        raise
+                    logger.warning("resume_from_checkpoint=latest: skipping %s", e)
+                    skipped[step] = str(e)
+                    continue
+                candidates.append(step)
+            return candidates, skipped
+
+        run.candidates, run.skipped = process_0_decides(pick)
         if not run.candidates and not run.skipped:
             logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", source.directory)
         elif not run.candidates:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
+
+from uncond_flax.errors import one_line  # standard library only, like everything this module imports up front
 
 # Set by the SIGTERM handler main() installs first thing, before the trainer has its own (a scheduler may preempt a
 # job in its first seconds); the trainer reads it through sigterm_received().
@@ -173,11 +176,18 @@ def _print_help(argv: list[str]) -> None:
         print(f"  {name:<{width}}  {value!r}" + ("  (may be None)" if optional else ""))
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error)
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # ml_collections repr-quotes nested messages
-        text = text[1:-1].replace("\\n", " ").replace("\\'", "'")
-    return " ".join(text.split()) or type(error).__name__
+def _unknown_field(error: BaseException, argv: list[str]) -> ValueError | None:
+    """ml_collections' KeyError for an override of a field the config lacks ("'name' Did you mean ...") as a
+    sentence that says what to do; None for any other error."""
+    found = re.match(r"'([^']+)'(?:.*Did you mean \"([^\"]+)\")?", one_line(error))
+    if not isinstance(error, (KeyError, AttributeError)) or not found:  # ml_collections raises both
+        return None
+    name, suggestion = found.groups()
+    override = next((a.split("=")[0] for a in argv if f".{name}." in a.split("=")[0] + "."), None)
+    if override is None or not override.startswith("--config."):
+        return None
+    hint = f"did you mean {override[: override.index(f'.{name}') + 1]}{suggestion}? " if suggestion else ""
+    return ValueError(f"{override}: no such field; {hint}--help lists every field with its value")
 
 
 def _fail(prog: str, verbose: bool, error: BaseException) -> None:
@@ -194,7 +204,7 @@ def _fail(prog: str, verbose: bool, error: BaseException) -> None:
         # happened: no more log records, nor "coroutine ... was never awaited" warnings at exit.
         pylogging.disable(pylogging.CRITICAL)
         warnings.filterwarnings("ignore", category=RuntimeWarning)
-    sys.exit(f"{prog}: error: {_one_line(error)}")
+    sys.exit(f"{prog}: error: {one_line(error)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             return flags.FLAGS(args)
         except Exception as e:  # noqa: BLE001 -- flags, config files and overrides raise many types
-            _fail(prog, verbose, e)
+            _fail(prog, verbose, _unknown_field(e, args) or e)
 
     def run(args: list[str]) -> None:
         if len(args) > 1:

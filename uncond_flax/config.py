@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from uncond_flax.data import check_resolution
+from uncond_flax.errors import check_choice
+from uncond_flax.errors import one_line as one_line  # hub, sample and convert import it from here
 from uncond_flax.export import load_unet_config
 from uncond_flax.metrics import check_logger
 from uncond_flax.models import resolve_unet_config
 from uncond_flax.optim import lr_schedule_for
 from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
-from uncond_flax.schedulers.common import PREDICTION_TYPES, check_choice
+from uncond_flax.schedulers.common import PREDICTION_TYPES
 
 COMPUTE_DTYPES = {"no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 SAMPLE_SCHEDULERS = ("ddpm", "ddim")
@@ -37,11 +39,6 @@ _OPTIONAL_POSITIVE_INTS = ("max_train_steps", "checkpoints_total_limit", "sample
 
 class ConfigError(ValueError):
     """A bad config, dataset or path, found before anything compiles; the message is one line."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (orbax, tensorstore and the Hub client write several)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _check_int(config: Any, key: str, minimum: int, hint: str = "") -> None:

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     args = parser.parse_args(argv)
     from uncond_flax.cli import quiet_library_tracebacks
-    from uncond_flax.config import one_line
+    from uncond_flax.errors import one_line
 
     quiet_library_tracebacks()  # a damaged checkpoint is our one line, not orbax's traceback of it
     try:

@@ -13,7 +13,11 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+    # A count over one array, not an `and` of per-leaf scalars: XLA turns that `and` into a chain of scalar ops and
+    # copies it into every consumer's fusion (each parameter's update in the train step: leaves^2 instructions,
+    # slow to compile and to load from the compilation cache).
+    finite_L = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).astype(jnp.int32)
+    return jnp.sum(finite_L) == len(leaves)
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

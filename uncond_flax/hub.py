@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from uncond_flax import storage
-from uncond_flax.config import one_line
+from uncond_flax.errors import one_line
 
 logger = logging.getLogger(__name__)
 

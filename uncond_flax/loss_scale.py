@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from uncond_flax.errors import check_choice
+
 
 def _f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
@@ -108,6 +110,5 @@ def make_loss_scale(mixed_precision: str) -> LossScale:
     """``DynamicLossScale.create()`` for ``"fp16"``, ``NoLossScale()`` for ``"no"`` / ``"bf16"``."""
     if mixed_precision == "fp16":
         return DynamicLossScale.create()
-    if mixed_precision in ("no", "bf16"):
-        return NoLossScale()
-    raise ValueError(f"Unknown mixed_precision {mixed_precision!r}; choose one of no, fp16, bf16.")
+    check_choice("mixed_precision", mixed_precision, ("no", "fp16", "bf16"))
+    return NoLossScale()

@@ -4,7 +4,6 @@ opens, and the per-step logger that fetches metrics from the device in batches."
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -16,8 +15,8 @@ import jax
 import numpy as np
 
 from uncond_flax import storage
+from uncond_flax.errors import check_choice
 from uncond_flax.images import to_uint8
-from uncond_flax.schedulers.common import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +102,14 @@ class MetricWriter:
             self._wandb = wandb.init(project="train_unconditional", dir=local_dir, config=dict(config))
 
     @contextlib.contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
+    def _writing(self, path: str) -> Iterator[None]:
         try:
             yield
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise OSError(
-                    e.errno,
-                    f"no space left on the device while writing {what}; free space, then resume with "
-                    "--config.resume_from_checkpoint=latest (earlier checkpoints are intact)",
-                ) from e
+            # A write through an open file names no file. Name it; the trainer words the error (a full disk, with
+            # what to do) once for every output it writes.
+            if e.filename is None:
+                e.filename = path
             raise
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:

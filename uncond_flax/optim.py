@@ -12,12 +12,13 @@ fp16 loss scaling lives in ``uncond_flax.loss_scale``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from uncond_flax.errors import check_choice
 
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -35,64 +36,39 @@ def _f32(x: jax.Array) -> jax.Array:
 def lr_schedule(name: str, learning_rate: float, num_warmup_steps: int, num_training_steps: int) -> optax.Schedule:
     """``count -> learning_rate * lambda(count)`` in float32, lambda being diffusers' ``get_scheduler(name, ...)``.
 
-    ``count`` may be a traced integer array of any shape (evaluated elementwise).
+    Equal to diffusers' to float32 rounding (a few 1e-7 of the peak lr) for every count from 0 to
+    ``num_training_steps``, the counts training uses; ``count`` may be an integer array of any shape.
     """
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"Unknown lr_scheduler {name!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    check_choice("lr_scheduler", name, LR_SCHEDULES)
     lr = float(learning_rate)
-    warmup = int(num_warmup_steps)
-    total = int(num_training_steps)
+    warmup = 0 if name == "constant" else int(num_warmup_steps)  # diffusers' constant has no warmup
+    decay = int(num_training_steps) - warmup
     if name == "polynomial" and not lr > _POLY_LR_END:
         # diffusers refuses this at scheduler construction; fail just as early.
         raise ValueError(f"lr_end ({_POLY_LR_END}) must be smaller than initial lr ({lr})")
-
-    # diffusers divides by max(1, ...) so zero-length phases don't divide by zero.
-    warm_div = max(1, warmup)
-    decay_div = max(1, total - warmup)
-
-    def warmup_frac(count: jax.Array) -> jax.Array:
-        return _f32(count) / warm_div
-
-    def remaining(count: jax.Array) -> jax.Array:
-        # 1 - progress, formed from integers so it stays exact near the end of the schedule (where 1 - progress
-        # in float32 would lose most of its digits).
-        return _f32(decay_div + warmup - count) / decay_div
-
-    def half_cosine(rem: jax.Array) -> jax.Array:
-        # 0.5 * (1 + cos(pi * progress)) == sin(pi/2 * (1 - progress))**2 for every progress; the sin form keeps
-        # full relative precision as the value approaches 0, where the cos form cancels catastrophically.
-        return jnp.square(jnp.sin((0.5 * math.pi) * rem))
-
-    def lam(count: jax.Array) -> jax.Array:
-        in_warmup = count < warmup
-        if name == "constant":
-            return jnp.ones(count.shape, jnp.float32)
-        if name == "constant_with_warmup":
-            return jnp.where(in_warmup, warmup_frac(count), 1.0)
-        if name == "linear":
-            return jnp.where(in_warmup, warmup_frac(count), jnp.maximum(0.0, _f32(total - count) / decay_div))
-        if name == "cosine":
-            # num_cycles = 0.5: one half cosine, which keeps oscillating past num_training_steps (as diffusers').
-            return jnp.where(in_warmup, warmup_frac(count), half_cosine(remaining(count)))
-        if name == "cosine_with_restarts":
-            # get_scheduler passes num_cycles = 1, so its "% 1.0" is the identity on [0, 1); progress >= 1 gives 0.
-            done = count - warmup >= decay_div
-            return jnp.where(in_warmup, warmup_frac(count), jnp.where(done, 0.0, half_cosine(remaining(count))))
-        raise AssertionError(name)
+    # What follows the warmup. Each optax form equals diffusers' where the decay has steps; where the warmup
+    # fills the whole run, diffusers' lr at count == warmup (only logged, after the last update) is kept by hand.
+    if name in ("constant", "constant_with_warmup"):
+        after = optax.constant_schedule(lr)
+    elif name == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay) if decay > 0 else optax.constant_schedule(0.0)
+    elif name == "polynomial":
+        # diffusers divides by zero at count == warmup == total; lr_end, which it has one count later, here.
+        after = (
+            optax.polynomial_schedule(lr, _POLY_LR_END, _POLY_POWER, decay)
+            if decay > 0
+            else optax.constant_schedule(_POLY_LR_END)
+        )
+    else:
+        # cosine (num_cycles 0.5) and cosine_with_restarts (num_cycles 1) are the same half cosine up to
+        # num_training_steps. Past it diffusers' cosine rises again (no update runs there) while its restarts
+        # schedule stays at 0, as optax's does. A zero-length decay starts at lr, as diffusers' max(1, .) does.
+        after = optax.cosine_decay_schedule(lr, max(1, decay))
+    joined = after if warmup == 0 else optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
     def schedule(count: jax.Array) -> jax.Array:
         count = jnp.asarray(count, jnp.int32)
-        if name == "polynomial":
-            # Returned as an lr directly (diffusers' lambda is this divided by lr_init, then LambdaLR multiplies
-            # it back). diffusers divides by total - warmup without max(1, .), raising ZeroDivisionError at
-            # count == total == warmup; no update within num_training_steps uses it, so give it the final lr.
-            decay_steps = total - warmup if total != warmup else 1
-            pct_remaining = _f32(total - count) / decay_steps
-            decayed = (lr - _POLY_LR_END) * pct_remaining**_POLY_POWER + _POLY_LR_END
-            return jnp.where(
-                count < warmup, lr * warmup_frac(count), jnp.where(count > total, _POLY_LR_END, decayed)
-            ).astype(jnp.float32)
-        return (lr * lam(count)).astype(jnp.float32)
+        return jnp.broadcast_to(_f32(joined(count)), count.shape)
 
     return schedule
 

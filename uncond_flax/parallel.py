@@ -5,18 +5,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import sys
 import threading
 import urllib.request
-from collections.abc import Mapping
-from typing import Any
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from uncond_flax import storage
+
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -263,3 +269,106 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(fetch, tree)
+
+
+def broadcast_bytes(data: bytes | None, is_source: bool) -> bytes:
+    """The source process's `data` on every process (a collective; the others pass None)."""
+    from jax.experimental import multihost_utils
+
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if is_source else 0), is_source=is_source))
+    # A power-of-two buffer: one compiled broadcast per size class rather than one per length.
+    buffer = np.zeros(max(256, 1 << (size - 1).bit_length()), np.uint8)
+    if is_source:
+        buffer[:size] = np.frombuffer(data, np.uint8)
+    return multihost_utils.broadcast_one_to_all(buffer, is_source=is_source)[:size].tobytes()
+
+
+_deciding = threading.local()
+
+
+def process_0_decides(decide: Callable[[], T]) -> T:
+    """`decide()` run by process 0 alone; its result, or the exception it raised, becomes every process's.
+
+    For choices all processes must make alike that read storage (is there a checkpoint, which step, with what
+    config): one reader, so hosts that see different files cannot disagree. A collective: every process calls it
+    at the same point. With one process, or inside another decision, it is just `decide()`.
+    """
+    if jax.process_count() == 1 or getattr(_deciding, "active", False):
+        return decide()
+    payload = error = None
+    if jax.process_index() == 0:
+        _deciding.active = True
+        try:
+            ok, value = True, decide()
+        except Exception as e:  # noqa: BLE001 -- any failure must reach the others, or they wait here forever
+            ok, value, error = False, e, e
+        finally:
+            _deciding.active = False
+        try:
+            inner = pickle.dumps(value)
+        except Exception as e:  # noqa: BLE001 -- an unpicklable result is a bug; say so on every process
+            ok, inner = False, pickle.dumps(TypeError(f"process_0_decides: cannot send {type(value).__name__}: {e}"))
+        text = f"{type(value).__name__}: {value}" if not ok else ""
+        payload = pickle.dumps((ok, text, inner))
+    # pickle, not JSON: the other processes get exactly the types process 0 has (tuples, int keys, exception
+    # classes). Only this job's own processes take part in the broadcast.
+    ok, text, inner = pickle.loads(broadcast_bytes(payload, is_source=jax.process_index() == 0))
+    if error is not None:
+        raise error  # process 0 raises its own exception, with its traceback
+    try:
+        value = pickle.loads(inner)
+    except Exception:  # noqa: BLE001 -- an exception class whose constructor takes more than a message
+        value = RuntimeError(f"process 0: {text}")
+    if not ok:
+        raise value
+    return value
+
+
+def first_failure(error: str | None) -> str | None:
+    """After work every process does on its own share: the first failing process's `error` (each passes its own,
+    None for success), or None if none failed. One answer for all (a collective)."""
+    if jax.process_count() == 1:
+        return error
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+    if not failed.any():
+        return None
+    first = int(np.argmax(failed))
+    source = jax.process_index() == first
+    text = broadcast_bytes(error.encode() if source else None, is_source=source).decode()
+    return text if first == 0 else f"{text} (on process {first})"
+
+
+def check_shared_dir(path: str, what: str = "output_dir") -> None:
+    """With several processes and a local `path`, stop (StorageError, one line) unless every process sees the
+    files process 0 writes there. A collective; nothing to check for one process or a URL (`gs://`).
+
+    Without shared storage each host would keep its own checkpoints and decide alone whether to resume.
+    """
+    if jax.process_count() == 1 or storage.is_remote(path):
+        return
+
+    def write_token() -> str:
+        # A new random name each run: a token left by an earlier run on one host's own disk cannot pass for it.
+        nonce = uuid.uuid4().hex
+        storage.write_text(storage.join(path, f".uncond_flax_shared_check_{nonce}"), nonce)
+        return nonce
+
+    nonce = process_0_decides(write_token)  # the broadcast is the barrier: the file exists before anyone looks
+    token = storage.join(path, f".uncond_flax_shared_check_{nonce}")
+    try:
+        seen = storage.read_text(token) == nonce
+    except OSError:
+        seen = False
+    from jax.experimental import multihost_utils
+
+    # Also the barrier after which process 0 removes the token.
+    blind = np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(not seen))).reshape(-1))
+    if jax.process_index() == 0:
+        storage.remove(token)
+    if blind.size:
+        raise storage.StorageError(
+            f"{what} {path} is not shared between the {jax.process_count()} processes (process {blind[0]} does "
+            f"not see process 0's files): multi-host runs need storage all hosts see (gs://…, NFS)"
+        )

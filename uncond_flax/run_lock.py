@@ -5,16 +5,19 @@ Creating it is atomic (create-if-absent); a thread refreshes its heartbeat while
 it. A lock is stale, and may be taken over, when its holder is a dead process on this machine, or when its
 heartbeat is older than `stale_after_s` (a holder on another machine that died without releasing it).
 
-Storage goes through `LockStore`, four conditional operations keyed by an opaque version. `LocalLockFile`
-implements them with O_EXCL and renames. A `gs://` store maps them one to one onto object preconditions:
-create = upload with `if_generation_match=0`, version = the object's generation, heartbeat = its `updated` time,
-refresh = re-upload with `if_generation_match=<generation>`, replace = upload with
-`if_generation_match=<stale generation>`, delete = delete with `if_generation_match=<generation>`.
+Storage goes through `LockStore`, conditional operations keyed by an opaque version. `LocalLockFile`
+implements them with O_EXCL and renames. `GcsLockStore` (`gs://`) maps them one to one onto object preconditions,
+which the server checks atomically with the write: create = upload with `if_generation_match=0`, version = the
+object's generation, heartbeat = its `updated` time (judged against the server's clock), refresh = re-upload with
+`if_generation_match=<generation>`, replace = upload with `if_generation_match=<stale generation>`, delete = delete
+with `if_generation_match=<generation>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import json
 import logging
@@ -22,8 +25,14 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Protocol, Self
+
+from uncond_flax import storage
+from uncond_flax.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +127,125 @@ class LocalLockFile:
         current = self.read()
         if current is not None and current[1] == version:
             os.unlink(self.location)
+
+
+class GcsLockStore:
+    """The lock as one object in a `gs://` bucket: the version is its generation, and every write or delete is
+    conditional on the generation the caller saw, so of two runs racing for it exactly one succeeds.
+
+    Credentials are Google's default ones (what gcsfs and tensorstore use); with `STORAGE_EMULATOR_HOST` set the
+    client talks to that server anonymously.
+    """
+
+    def __init__(self, url: str):
+        storage.require_package(url, "google.cloud.storage", "google-cloud-storage", "gcs")
+        import google.auth.exceptions
+        from google.cloud import storage as gcs
+
+        self.location = url
+        bucket, _, self._name = url.removeprefix("gs://").partition("/")
+        try:
+            # No project: objects are addressed by bucket, and a machine without a default project still works.
+            self._client = gcs.Client(project=None)
+        except google.auth.exceptions.DefaultCredentialsError as e:
+            raise storage.StorageError(
+                f"the run lock {url} needs Google credentials ({one_line(e)}); run `gcloud auth "
+                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
+        self._bucket = self._client.bucket(bucket)
+        quoted = urllib.parse.quote(self._name, safe="")
+        self._metadata_url = f"{self._client.api_endpoint}/storage/v1/b/{bucket}/o/{quoted}"
+        self._written: bytes | None = None  # what this store last wrote, re-uploaded by `refresh`
+
+    @contextlib.contextmanager
+    def _one_line_errors(self) -> Iterator[None]:
+        """Storage, network and auth failures as a one-line StorageError: an OSError, which the heartbeat rides out
+        and the CLI prints as one line."""
+        import google.auth.exceptions
+        import requests
+        from google.api_core import exceptions
+
+        try:
+            yield
+        except (exceptions.GoogleAPIError, google.auth.exceptions.GoogleAuthError, requests.RequestException) as e:
+            raise storage.StorageError(f"run lock {self.location}: {type(e).__name__}: {one_line(e)}") from None
+
+    def _upload(self, data: bytes, if_generation_match: int) -> str | None:
+        from google.api_core import exceptions
+
+        blob = self._bucket.blob(self._name)
+        with self._one_line_errors():
+            try:
+                blob.upload_from_string(data, content_type="application/json", if_generation_match=if_generation_match)
+                version = str(blob.generation)
+            except exceptions.PreconditionFailed:
+                version = None
+        if version is None:
+            # The client retries a conditional upload after a transient error; when the first try had landed, the
+            # retry fails its precondition against our own write. Our bytes hold our unique token, so finding them
+            # there means the write is ours; anything else means another run's write came first.
+            current = self.read()
+            if current is None or current[0] != data:
+                return None
+            version = current[1]
+        self._written = data
+        return version
+
+    def create(self, data: bytes) -> str | None:
+        return self._upload(data, if_generation_match=0)  # generation 0: only if no live object exists
+
+    def read(self) -> tuple[bytes, str, float] | None:
+        from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        def metadata() -> tuple[dict, str]:
+            # The client's own authorised session (its credentials, its endpoint): google-cloud-storage hands back
+            # no response headers, and this one GET needs the Date header along with the metadata.
+            response = self._client._http.get(self._metadata_url)
+            if response.status_code >= 400:
+                raise exceptions.from_http_response(response)
+            return response.json(), response.headers["Date"]
+
+        for _ in range(5):
+            with self._one_line_errors():
+                try:
+                    info, date = DEFAULT_RETRY(metadata)()
+                except exceptions.NotFound:
+                    return None
+                try:
+                    data = self._bucket.blob(self._name, generation=int(info["generation"])).download_as_bytes()
+                except exceptions.NotFound:
+                    continue  # rewritten or removed between the two requests: look again
+            # Hosts' clocks differ, and the holder's heartbeat time is the server's (`updated`): its age is measured
+            # on the server's clock too, against the Date of the same response (whole seconds; the threshold is
+            # minutes), and handed back as a time on this host's clock.
+            age = (email.utils.parsedate_to_datetime(date) - datetime.fromisoformat(info["updated"])).total_seconds()
+            return data, info["generation"], time.time() - age
+        raise storage.StorageError(f"could not read the run lock {self.location}: it changes at every look")
+
+    def refresh(self, version: str) -> str | None:
+        data = self._written
+        if data is None:  # a lock this store did not write: renew what is there if it is still `version`
+            current = self.read()
+            if current is None or current[1] != version:
+                return None
+            data = current[0]
+        return self._upload(data, if_generation_match=int(version))
+
+    def replace(self, data: bytes, version: str) -> str | None:
+        return self._upload(data, if_generation_match=int(version))
+
+    def delete(self, version: str) -> None:
+        from google.api_core import exceptions
+
+        # fake-gcs-server (the tests' emulator) ignores preconditions on delete: looking first keeps a stale
+        # release from removing a newer lock there too; on GCS the precondition also closes the gap between the two.
+        current = self.read()
+        if current is None or current[1] != version:
+            return
+        # gone, or taken over since we looked: not ours to remove either way
+        with self._one_line_errors(), contextlib.suppress(exceptions.NotFound, exceptions.PreconditionFailed):
+            self._bucket.blob(self._name).delete(if_generation_match=int(version))
 
 
 def _boot_id() -> str:
@@ -294,7 +422,9 @@ class RunLock:
 
 
 def lock_store_for(directory: str) -> LockStore | None:
-    """The lock for a run writing into `directory` (which must exist); None where no store exists yet."""
+    """The lock for a run writing into `directory` (a local one must exist); None where no store exists yet."""
+    if directory.startswith("gs://"):
+        return GcsLockStore(storage.join(directory, LOCK_NAME))
     if "://" in directory and not directory.startswith("file://"):
-        return None  # e.g. gs://: add a store with generation preconditions (see the module docstring)
+        return None  # s3://, az://: their conditional writes would need a store of their own
     return LocalLockFile(os.path.join(directory.removeprefix("file://"), LOCK_NAME))

@@ -50,6 +50,16 @@ def is_remote(path: PathLike) -> bool:
     return _scheme(path) is not None
 
 
+def require_package(url: str, module: str, package: str, extra: str | None) -> None:
+    """Import `module` (pip package `package`, in our extra `extra`) for `url`, or raise a one-line StorageError
+    saying what to install."""
+    try:
+        __import__(module)
+    except ImportError:
+        how = f"pip install 'uncond-flax[{extra}]' or pip install {package}" if extra else f"pip install {package}"
+        raise StorageError(f"{url} needs the {package} package, which is not installed: {how}") from None
+
+
 def _check_url(url: str) -> None:
     """The scheme is one epath reads and its package is installed; gcsfs is set not to cache listings."""
     scheme = _scheme(url)
@@ -57,11 +67,7 @@ def _check_url(url: str) -> None:
         supported = ", ".join(f"{s}://" for s in _SCHEME_PACKAGES)
         raise StorageError(f"{url}: unsupported URL scheme {scheme}:// (use a local path or {supported})")
     package, extra = _SCHEME_PACKAGES[scheme]
-    try:
-        __import__(package)
-    except ImportError:
-        how = f"pip install 'uncond-flax[{extra}]' or pip install {package}" if extra else f"pip install {package}"
-        raise StorageError(f"{url} needs the {package} package, which is not installed: {how}") from None
+    require_package(url, package, package, extra)
     if scheme == "gs":
         import fsspec.config
 

@@ -18,13 +18,13 @@ from uncond_flax.compile_cache import enable_compile_cache
 from uncond_flax.config import (
     ConfigError,
     noise_scheduler_for,
-    one_line,
     preview_scheduler_for,
     resolve_config,
     storable,
 )
 from uncond_flax.data import BadImageError, build_train_loader
 from uncond_flax.epoch_end import EpochEnd, first_epoch
+from uncond_flax.errors import one_line
 from uncond_flax.finite import all_finite
 from uncond_flax.flops import mfu, step_flops
 from uncond_flax.metrics import MetricWriter, StepLogger
@@ -187,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
 
         stop_if_preempted(step)  # a SIGTERM while starting: nothing compiled yet, stop at once
         started = time.perf_counter()
-        train_step = train_step.lower(state, loader.batch_spec(images_sharding)).compile()
-        flops = step_flops(train_step)  # per device, from XLA's cost analysis
+        traced = train_step.trace(state, loader.batch_spec(images_sharding))
+        train_step = traced.lower().compile()
+        flops = step_flops(traced, jax.device_count())  # per device: the convolutions and matrix products
         logger.info(
             "train step compiled in %.1f s%s",
             time.perf_counter() - started,
@@ -216,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             raise TrainingError(f"push_to_hub: the last upload to {hub_repo.repo_id} failed (see the log above)")
         return state
     except OSError as e:
-        raise (_write_failed("the run's outputs", e) if e.errno == errno.ENOSPC else TrainingError(one_line(e))) from e
+        full = e.errno == errno.ENOSPC
+        raise (_write_failed(e.filename or "the run's outputs", e) if full else TrainingError(one_line(e))) from e
     except (FloatingPointError, BadImageError) as e:
         raise TrainingError(one_line(e)) from e
     finally:

@@ -254,19 +254,3 @@ def crop_and_flip(
     if random_flip and rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
-
-
-def preprocess(
-    raw: Any,
-    *,
-    resolution: int,
-    mode: str,
-    center_crop: bool,
-    random_flip: bool,
-    rng: np.random.Generator,
-    preserve_input_precision: bool = False,
-) -> np.ndarray:
-    """The whole per-example transform of diffusers' script, ending at uint8 (resolution, resolution, C)
-    (uint16 with ``preserve_input_precision``)."""
-    resized = load_resized(raw, resolution, mode, preserve_input_precision)
-    return crop_and_flip(resized, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)

@@ -6,7 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from uncond_flax.errors import check_choice
 from uncond_flax.models.layers import conv2d, get_activation, group_norm, linear
+
+# diffusers' resnet_time_scale_shift: the time embedding is added (default) or scales and shifts the norm.
+TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 
 
 def avg_pool_2x(x_BHWC: jax.Array) -> jax.Array:
@@ -67,10 +71,7 @@ class ResnetBlock2D(nnx.Module):
         rngs: nnx.Rngs,
     ):
         out_channels = in_channels if out_channels is None else out_channels
-        if time_embedding_norm not in ("default", "scale_shift"):
-            raise ValueError(
-                f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; choose 'default' or 'scale_shift'"
-            )
+        check_choice("resnet_time_scale_shift", time_embedding_norm, TIME_EMBEDDING_NORMS)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from uncond_flax.errors import check_choice
 from uncond_flax.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from uncond_flax.models.layers import ACTIVATIONS, conv2d, group_norm
+from uncond_flax.models.resnet import TIME_EMBEDDING_NORMS
 from uncond_flax.models.unet_2d_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlock2D
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ _CHOICES = {
     "mid_block_type": ("UNetMidBlock2D", None),
     "downsample_type": ("conv", "resnet"),
     "upsample_type": ("conv", "resnet"),
-    "resnet_time_scale_shift": ("default", "scale_shift"),
+    "resnet_time_scale_shift": TIME_EMBEDDING_NORMS,
     "act_fn": tuple(ACTIVATIONS),
     "class_embed_type": (None, "timestep", "identity"),
 }
@@ -78,8 +80,7 @@ def resolve_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
         cfg["sample_size"] = tuple(cfg["sample_size"])
 
     for key, choices in _CHOICES.items():
-        if cfg[key] not in choices:
-            raise ValueError(f"{key}={cfg[key]!r} is not supported; choose one of {list(choices)}")
+        check_choice(key, cfg[key], choices)
     for key, supported in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
         for block in cfg[key]:
             if _strip_unetres(block) not in supported:

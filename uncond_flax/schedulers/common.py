@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from uncond_flax.errors import check_choice
+
 logger = logging.getLogger(__name__)
 
 # Written into `_diffusers_version` of exported configs: the diffusers release our numerics track.
@@ -44,14 +46,6 @@ class FlaxSchedulerOutput:
 # --------------------------------------------------------------------------------------------
 # Option validation and config I/O
 # --------------------------------------------------------------------------------------------
-
-
-def check_choice(key: str, value: Any, choices: Sequence[str], owner: str | None = None) -> None:
-    """Raise ValueError naming `key` (and `owner`, when given) unless `value` is one of `choices`."""
-    if value not in choices:
-        supported = ", ".join(repr(c) for c in choices)
-        prefix = f"{owner}: " if owner else ""
-        raise ValueError(f"{prefix}{key}={value!r} is not supported; choose one of {supported}.")
 
 
 def check_table_options(

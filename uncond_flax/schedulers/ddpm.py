@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from uncond_flax.errors import check_choice
+
 from . import common
 from .common import FlaxSchedulerOutput, static_field
 
@@ -109,7 +111,7 @@ class FlaxDDPMScheduler:
             prediction_type=prediction_type,
             timestep_spacing=timestep_spacing,
         )
-        common.check_choice("variance_type", variance_type, VARIANCE_TYPES, cls.__name__)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES, cls.__name__)
         if variance_type == "fixed_large_log":
             logger.warning(
                 "variance_type='fixed_large_log' reproduces diffusers, whose DDPM step takes "

@@ -1,0 +1,68 @@
+"""GroupNorm's two formulations (NORM_IMPLS) against torch.nn.GroupNorm: forward and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from uncond_flax.models.layers import GroupNorm, group_norm, implementations
+
+# (shape NHWC or NTC, groups): 2 channels per group (the digits UNet), one group, a group per channel, tokens.
+CASES = [((2, 5, 6, 16), 8), ((2, 3, 4, 12), 1), ((1, 4, 4, 8), 8), ((2, 7, 24), 4)]
+
+
+def _torch_norm(x, groups, weight, bias, probe):
+    """torch's output and the gradients of sum(out * probe) for x, weight and bias (channels last in and out)."""
+    channels = x.shape[-1]
+    module = torch.nn.GroupNorm(groups, channels, eps=1e-5)
+    module.weight.data, module.bias.data = torch.from_numpy(weight), torch.from_numpy(bias)
+    x_t = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
+    out = module(x_t)
+    (out * torch.from_numpy(np.moveaxis(probe, -1, 1).copy())).sum().backward()
+    to_last = lambda a: np.moveaxis(a.detach().numpy(), 1, -1)  # noqa: E731
+    return to_last(out), to_last(x_t.grad), module.weight.grad.numpy(), module.bias.grad.numpy()
+
+
+@pytest.mark.parametrize("impl", ["grouped", "channel_sums"])
+@pytest.mark.parametrize("shape, groups", CASES)
+def test_group_norm_matches_torch_forward_and_gradients(impl, shape, groups):
+    rng = np.random.default_rng(0)
+    # An offset and a spread, so that a missing mean or a one-pass variance would show.
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    probe = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[-1]
+    weight, bias = rng.uniform(0.5, 2, channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    with implementations(norm=impl):
+        norm = group_norm(channels, groups, 1e-5, rngs=nnx.Rngs(0))
+    assert isinstance(norm, GroupNorm) and norm.impl == impl
+    norm.scale.value, norm.bias.value = jnp.asarray(weight), jnp.asarray(bias)
+
+    def loss(params, x):
+        model = nnx.merge(graphdef, params)
+        return jnp.sum(model(x) * probe), model(x)
+
+    graphdef, params = nnx.split(norm)
+    (g_params, g_x), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, jnp.asarray(x))
+    out_t, gx_t, gw_t, gb_t = _torch_norm(x, groups, weight, bias, probe)
+    np.testing.assert_allclose(np.asarray(out), out_t, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(g_x), gx_t, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(g_params["scale"][...]), gw_t, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_params["bias"][...]), gb_t, atol=1e-4, rtol=1e-5)
+
+
+def test_group_norm_formulations_agree_in_bfloat16():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 4, 32)) * 2 + 1, jnp.bfloat16)
+    outs = []
+    for impl in ("grouped", "channel_sums"):
+        with implementations(norm=impl):
+            outs.append(group_norm(32, 8, 1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x))
+    assert outs[0].dtype == outs[1].dtype == jnp.bfloat16
+    # Both normalise in float32 and round once to bfloat16; summation order may flip a last bit.
+    np.testing.assert_allclose(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32), atol=2e-2, rtol=0)
+
+
+def test_unknown_norm_implementation_is_a_clear_error():
+    with pytest.raises(ValueError, match="implementations: norm='welford' is not supported; choose one of 'auto',"):
+        implementations(norm="welford").__enter__()
