@@ -71,37 +71,24 @@ def _config(model: str, batch: int, resolution: int):
 def jax_side(config, batch: int, variant: dict[str, str]):
     """(run one step, compile seconds, UNet config): our jitted train step on one device, state donated."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
+    from gpu_check import compile_step
 
-    from uncond_flax.config import noise_scheduler_for, resolve_config
+    from uncond_flax.config import resolve_config
     from uncond_flax.models.layers import implementations
-    from uncond_flax.optim import lr_schedule_for, make_optimizer
     from uncond_flax.parallel import make_mesh
-    from uncond_flax.step import make_train_step
-    from uncond_flax.train_state import create_train_state
 
     options = dict(variant)
     impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
 
     config = resolve_config(config)
-    mesh = make_mesh(devices=jax.devices()[:1])
-    tx = make_optimizer(config, 10_000)
     with implementations(**impls):
-        graphdef, _, state, _ = create_train_state(config, mesh, tx)
-    step_fn = make_train_step(
-        graphdef,
-        tx=tx,
-        lr_fn=lr_schedule_for(config, 10_000),
-        noise_scheduler=noise_scheduler_for(config),
-        config=config,
-    )
-    rng = np.random.default_rng(0)
+        step, state, images_sharding, compile_s, _ = compile_step(
+            config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
+        )
     res = config.resolution
-    images = jnp.asarray(rng.integers(0, 256, (1, batch, res, res, 3), dtype=np.uint8))
-    start = time.perf_counter()
-    step = jax.jit(step_fn, donate_argnums=0).lower(state, images).compile(compiler_options=options)
-    compile_s = time.perf_counter() - start
+    images = np.random.default_rng(0).integers(0, 256, (1, batch, res, res, 3), dtype=np.uint8)
+    images = jax.device_put(images, images_sharding)
     holder = [state]
 
     def run() -> None:

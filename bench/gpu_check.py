@@ -148,10 +148,12 @@ def _peak_bytes(device: Any) -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
-def compile_step(config: Any) -> tuple[Any, Any, Any, float, float | None]:
+def compile_step(
+    config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None
+) -> tuple[Any, Any, Any, float, float | None]:
     """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
-    trainer's step, shardings and donation. Programs are equal for equal configs, so a second call is served by
-    the compilation cache."""
+    trainer's step, shardings and donation, on `mesh` (default: every device). Programs are equal for equal configs,
+    so a second call is served by the compilation cache."""
     import jax
 
     from uncond_flax.config import noise_scheduler_for
@@ -161,7 +163,7 @@ def compile_step(config: Any) -> tuple[Any, Any, Any, float, float | None]:
     from uncond_flax.step import jit_train_step, make_train_step
     from uncond_flax.train_state import create_train_state
 
-    mesh = make_mesh()
+    mesh = make_mesh() if mesh is None else mesh
     # constant_with_warmup (bench_config): the program does not depend on the number of steps.
     tx = make_optimizer(config, 10_000)
     start = time.perf_counter()
@@ -175,16 +177,16 @@ def compile_step(config: Any) -> tuple[Any, Any, Any, float, float | None]:
         config=config,
     )
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
-    batch = config.train_batch_size * jax.device_count()
+    batch = config.train_batch_size * mesh.devices.size
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     start = time.perf_counter()
     traced = jitted.trace(state, jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding))
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     _say(f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s")
-    return compiled, state, images_sharding, seconds, step_flops(traced, jax.device_count())
+    return compiled, state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
 
 
 def jax_step(config: Any, steps: int) -> dict[str, Any]:
