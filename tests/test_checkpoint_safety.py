@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
-from test_checkpointing import CHILD_ENV, kernel, metrics_at, saved_state, train_cmd, wait_for
+from test_checkpointing import CHILD_ENV, kernel, metrics_at, run_child, saved_state, train_cmd, wait_for
 from test_train import ROOT, tiny_config
 
 from uncond_flax.checkpointing import checkpoint_dir
@@ -216,15 +216,7 @@ def test_a_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_is_tak
     )
     try:
         wait_for(lambda: len(metrics_at(run)) >= 4, first, what="the first run's step 4")
-        second = subprocess.run(
-            train_cmd(run, "--config.max_train_steps=4", "--config.checkpointing_steps=2"),
-            cwd=ROOT,
-            env=CHILD_ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        second = run_child(train_cmd(run, "--config.max_train_steps=4", "--config.checkpointing_steps=2"))
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert (
             second.stderr.strip()
@@ -240,16 +232,10 @@ def test_a_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_is_tak
         first.wait()
     assert (run / "checkpoints" / LOCK_NAME).exists()  # kill -9: nothing released it
 
-    third = subprocess.run(
+    third = run_child(
         train_cmd(
             run, "--config.max_train_steps=2", "--config.checkpointing_steps=2", "--config.overwrite_output_dir=True"
-        ),
-        cwd=ROOT,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        )
     )
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"pid {first.pid} on this host has exited" in third.stderr

@@ -11,14 +11,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_train import ROOT, read_metrics, tiny_config
 
 from uncond_flax import train as train_module
 from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE, Checkpointer, resolve_resume
-from uncond_flax.parallel import make_mesh
 from uncond_flax.config import ConfigError
+from uncond_flax.parallel import make_mesh
 from uncond_flax.train import train_and_evaluate
-
-from test_train import ROOT, read_metrics, tiny_config
 
 # Subprocesses share the suite's compilation cache, so only the first one compiles.
 CHILD_ENV = {
@@ -27,6 +26,13 @@ CHILD_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
 }
+
+
+def run_child(cmd, env=None, check=False):
+    """`cmd` run as the tests run the CLIs: from the repo root, in CHILD_ENV (or `env`), its output captured as text."""
+    return subprocess.run(
+        cmd, cwd=ROOT, env=CHILD_ENV if env is None else env, capture_output=True, text=True, timeout=600, check=check
+    )
 
 
 def train_cmd(output_dir, *overrides, script="train_flax.py"):
@@ -84,7 +90,7 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
     steps, every = 60, 20
     args = (f"--config.max_train_steps={steps}", f"--config.checkpointing_steps={every}")
     straight = tmp_path / "straight"
-    subprocess.run(train_cmd(straight, *args), cwd=ROOT, env=CHILD_ENV, check=True, capture_output=True, timeout=600)
+    run_child(train_cmd(straight, *args), check=True)
 
     run = tmp_path / "interrupted"
     # 1. SIGTERM after step 22: the current step finishes, a checkpoint is saved there, the exit code says so.
@@ -120,14 +126,7 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
     assert any(".orbax-checkpoint-tmp" in d for d in leftovers), leftovers
 
     # 3. Resume again: from the last committed checkpoint; the unfinished one is cleaned up.
-    resumed = subprocess.run(
-        train_cmd(run, *args, "--config.resume_from_checkpoint=latest"),
-        cwd=ROOT,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_child(train_cmd(run, *args, "--config.resume_from_checkpoint=latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint {stopped_at}" in resumed.stderr
     assert sorted(int(s) for s in os.listdir(run / "checkpoints")) == [every, stopped_at, 2 * every, steps]

@@ -3,14 +3,13 @@ damaged checkpoints refused in one line, and sampling a checkpoint equals sampli
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from diffusers import DDPMPipeline
-from test_checkpointing import CHILD_ENV, kernel, saved_state
-from test_train import ROOT, tiny_config
+from test_checkpointing import kernel, run_child, saved_state
+from test_train import tiny_config
 
 from uncond_flax.convert import main as convert
 from uncond_flax.sample import main as sample
@@ -59,14 +58,8 @@ def test_a_damaged_checkpoint_exits_nonzero_with_one_line_and_a_directory_falls_
     array_file.write_bytes(array_file.read_bytes()[:100])
 
     # The real command: non-zero, its last line the error naming the checkpoint, no traceback, nothing written.
-    proc = subprocess.run(
-        [sys.executable, "-m", "uncond_flax.convert", str(run / "checkpoints" / "2"), "--output", str(tmp_path / "x")],
-        cwd=ROOT,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    proc = run_child(
+        [sys.executable, "-m", "uncond_flax.convert", str(run / "checkpoints" / "2"), "--output", str(tmp_path / "x")]
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

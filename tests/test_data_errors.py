@@ -1,26 +1,17 @@
 """Data errors as users meet them: the train command ends with one line naming the file or field and what to do."""
 
 import os
-import subprocess
 
 import datasets
 import numpy as np
 import PIL.Image
 from fixtures.data_factory import gradient, make_image_folder
-from test_checkpointing import CHILD_ENV, ROOT, train_cmd
+from test_checkpointing import run_child, train_cmd
 
 
 def _train(tmp_path, *overrides):
     """train_flax.py on tests/fixtures/tiny_digits.py with `overrides`; (returncode, stderr lines)."""
-    proc = subprocess.run(
-        train_cmd(tmp_path / "run", "--config.max_train_steps=2", *overrides),
-        cwd=ROOT,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,  # the tests read the return code
-    )
+    proc = run_child(train_cmd(tmp_path / "run", "--config.max_train_steps=2", *overrides))
     return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
 
 

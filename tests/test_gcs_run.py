@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from test_checkpointing import CHILD_ENV, train_cmd
+from test_checkpointing import CHILD_ENV, run_child, train_cmd
 from test_storage import _object_bytes, _objects
 from test_train import ROOT
 
@@ -25,7 +25,7 @@ def test_a_run_in_a_bucket_preempted_killed_and_resumed_exports_what_a_local_run
 
     args = ("--config.max_train_steps=12", "--config.checkpointing_steps=4", "--config.save_model_epochs=1")
     local = tmp_path / "local"
-    subprocess.run(train_cmd(local, *args), cwd=ROOT, env=CHILD_ENV, check=True, capture_output=True, timeout=600)
+    run_child(train_cmd(local, *args), check=True)
 
     run, metrics = f"{gcs_path}/run", f"{gcs_path}/run/logs/metrics.jsonl"
     # The emulator's variables (CHILD_ENV was taken before the fixture set them), and a private TMPDIR: what a run

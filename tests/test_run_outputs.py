@@ -11,14 +11,13 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_checkpointing import CHILD_ENV, metrics_at, run_child, train_cmd
+from test_train import tiny_config
 
 from uncond_flax.config import resolve_config
 from uncond_flax.rng import PURPOSES, purpose_key, step_keys
 from uncond_flax.train import train_and_evaluate
 from uncond_flax.train_state import build_model
-
-from test_checkpointing import CHILD_ENV, metrics_at, train_cmd
-from test_train import ROOT, tiny_config
 
 
 def _files(root):
@@ -35,29 +34,18 @@ def test_a_preemption_on_an_epochs_last_step_still_does_its_end_work_after_resum
         "--config.save_images_epochs=1",
     )
     straight = tmp_path / "straight"
-    subprocess.run(train_cmd(straight, *args), cwd=ROOT, env=CHILD_ENV, check=True, capture_output=True, timeout=600)
+    run_child(train_cmd(straight, *args), check=True)
 
     run = tmp_path / "interrupted"
-    stopped = subprocess.run(
+    stopped = run_child(
         train_cmd(run, *args, script="tests/fixtures/sigterm_at_step.py"),
-        cwd=ROOT,
         env={**CHILD_ENV, "UNCOND_FLAX_SIGTERM_AT_STEP": "7"},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "checkpoint at step 7" in stopped.stderr
     assert not (run / "unet").exists() and not (run / "samples").exists()
 
-    subprocess.run(
-        train_cmd(run, *args, "--config.resume_from_checkpoint=latest"),
-        cwd=ROOT,
-        env=CHILD_ENV,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_child(train_cmd(run, *args, "--config.resume_from_checkpoint=latest"), check=True)
     names = ("unet/diffusion_pytorch_model.safetensors", "samples/epoch_0000.png", "samples/epoch_0001.png")
     for name in names:
         assert (run / name).read_bytes() == (straight / name).read_bytes(), name
@@ -94,9 +82,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_continues_cleanly(tmp_path):
         args = ("--config.max_train_steps=40", "--config.checkpointing_steps=4", "--config.log_every=1")
         # Leave room for about two checkpoints (~0.8 MB each for this model with EMA), then the disk is full.
         (disk / "filler").write_bytes(b"\0" * (14 * 2**20))
-        full = subprocess.run(
-            train_cmd(run, *args), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=600
-        )
+        full = run_child(train_cmd(run, *args))
         assert full.returncode == 1, full.stderr[-3000:]
         last = full.stderr.strip().splitlines()[-1]
         assert last.startswith("train_flax.py: error: no space left on the device while writing "), last
@@ -108,14 +94,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_continues_cleanly(tmp_path):
         assert saved, "the run should have saved a checkpoint before the disk filled"
 
         (disk / "filler").unlink()
-        subprocess.run(
-            train_cmd(run, *args, "--config.resume_from_checkpoint=latest"),
-            cwd=ROOT,
-            env=CHILD_ENV,
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
+        run_child(train_cmd(run, *args, "--config.resume_from_checkpoint=latest"), check=True)
         with open(run / "logs" / "metrics.jsonl") as f:
             steps = [json.loads(line)["step"] for line in f]
         assert steps == list(range(1, 41))
@@ -237,14 +216,7 @@ def test_each_purpose_has_its_own_random_stream(tmp_path):
     ],
 )
 def test_runtime_stops_are_one_line(tmp_path, args, message):
-    result = subprocess.run(
-        train_cmd(tmp_path / "out", "--config.max_train_steps=20", "--config.log_every=1", *args),
-        cwd=ROOT,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_child(train_cmd(tmp_path / "out", "--config.max_train_steps=20", "--config.log_every=1", *args))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -261,21 +233,14 @@ def test_resuming_with_another_seed_or_batch_and_an_unwritable_output_dir_are_on
         (["--config.seed=1"], "seed 0 (now 1)"),
         (["--config.train_batch_size=4"], "global_batch_size 16 (now 32)"),
     ]:
-        result = subprocess.run(
-            train_cmd(out, "--config.max_train_steps=4", "--config.resume_from_checkpoint=latest", *args),
-            cwd=ROOT,
-            env=CHILD_ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        result = run_child(
+            train_cmd(out, "--config.max_train_steps=4", "--config.resume_from_checkpoint=latest", *args)
         )
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert last.startswith("train_flax.py: error: checkpoint 2 in") and message in last, last
         assert "resume with the same seed" in last
-    result = subprocess.run(
-        train_cmd(blocked / "run"), cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=600
-    )
+    result = run_child(train_cmd(blocked / "run"))
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last.startswith("train_flax.py: error: output_dir") and "not writable" in last, last
