@@ -69,7 +69,7 @@ def _config(model: str, batch: int, resolution: int):
 
 
 def jax_side(config, batch: int, variant: dict[str, str]):
-    """(run one step, compile seconds, UNet config): our jitted train step on one device, state donated."""
+    """(run one step, compile seconds): our jitted train step on one device, state donated."""
     import jax
     import numpy as np
     from gpu_check import compile_step
@@ -95,45 +95,17 @@ def jax_side(config, batch: int, variant: dict[str, str]):
         holder[0], metrics = step(holder[0], images)
         jax.block_until_ready(metrics)
 
-    return run, compile_s, config.model.to_dict()
+    return run, compile_s
 
 
-def torch_side(unet_config: dict, config, batch: int):
-    """One step of diffusers' train_unconditional.py (no accelerate wrapper; fp32, one process)."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
+def torch_side(config, batch: int):
+    """(run one step, parameter count): one step of diffusers' train_unconditional.py (fp32, one process)."""
+    from gpu_check import torch_train_step
 
-    torch.manual_seed(0)
-    model = UNet2DModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")})
-    model.train()
-    noise_scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=10_000
-    )
-    res = config.resolution
-    clean = torch.rand(batch, 3, res, res) * 2 - 1
+    from uncond_flax.config import resolve_config
 
-    def run() -> None:
-        noise = torch.randn(clean.shape)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,)).long()
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(model(noisy, timesteps, return_dict=False)[0].float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-
-    return run, sum(p.numel() for p in model.parameters())
+    step, model = torch_train_step(resolve_config(config), batch)
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -156,15 +128,12 @@ def main() -> None:
     import jax
     import torch
 
-    from uncond_flax.config import resolve_config
-
-    unet_config = resolve_config(config).model.to_dict()
     runs, compile_s = {}, {}
     for variant in args.jax or [""]:
         settings = dict(kv.split("=", 1) for kv in variant.split(";") if kv)
-        runs[f"jax {variant}"], compile_s[variant], _ = jax_side(config, args.batch_size, settings)
+        runs[f"jax {variant}"], compile_s[variant] = jax_side(config, args.batch_size, settings)
     if not args.no_torch:
-        runs["torch"], n_params = torch_side(unet_config, config, args.batch_size)
+        runs["torch"], n_params = torch_side(config, args.batch_size)
     for run in runs.values():  # warm-up: torch's first step allocates, ours may still settle
         run()
     times = {name: [] for name in runs}

@@ -243,13 +243,16 @@ def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
     return jax_step(config, args.steps or sizes["steps"])
 
 
-def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int = 2) -> dict[str, Any]:
-    """What diffusers' train_unconditional.py does per step: UNet2DModel, add_noise, MSE, clip_grad_norm_, AdamW."""
+def torch_train_step(config: Any, batch: int, precision: str = "no") -> tuple[Callable[[], Any], Any]:
+    """(one step, the model): what diffusers' train_unconditional.py does per step, on the GPU when there is one:
+    UNet2DModel, add_noise, MSE, backward, clip_grad_norm_(1.0), AdamW, the LR scheduler; bf16 autocast for "bf16"."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
     model = UNet2DModel(**config.model.to_dict()).to(device).train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -258,6 +261,9 @@ def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int 
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=10_000
+    )
     scheduler = DDPMScheduler(num_train_timesteps=config.ddpm_num_steps, beta_schedule=config.ddpm_beta_schedule)
     gen = torch.Generator(device="cpu").manual_seed(0)
     clean = (
@@ -265,7 +271,7 @@ def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int 
     ).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step() -> torch.Tensor:
+    def step() -> Any:
         noise = torch.randn_like(clean)
         t = torch.randint(0, config.ddpm_num_steps, (batch,), device=device)
         with autocast:
@@ -274,9 +280,19 @@ def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        lr_scheduler.step()
         optimizer.zero_grad()
         return loss
 
+    return step, model
+
+
+def torch_step(config: Any, batch: int, steps: int, precision: str, warmup: int = 2) -> dict[str, Any]:
+    """Time `torch_train_step`: step time, img/s, peak GPU memory."""
+    import torch
+
+    step, model = torch_train_step(config, batch, precision)
+    device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
