@@ -35,14 +35,9 @@ def test_a_run_in_a_bucket_preempted_killed_and_resumed_exports_what_a_local_run
     env = {**CHILD_ENV, **gcs_emulator.client_env(), "TMPDIR": str(scratch)}
 
     # 1. SIGTERM after step 6: a checkpoint there, exit 75, the logs in the bucket.
-    stopped = subprocess.run(
+    stopped = run_child(
         train_cmd(run, *args, script="tests/fixtures/sigterm_at_step.py"),
-        cwd=ROOT,
-        check=False,
         env={**env, "UNCOND_FLAX_SIGTERM_AT_STEP": "6"},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert f"checkpoint at step 6 saved in {run}/checkpoints" in stopped.stderr
@@ -68,15 +63,7 @@ def test_a_run_in_a_bucket_preempted_killed_and_resumed_exports_what_a_local_run
     assert _steps(gcs_emulator, metrics) == list(range(1, 13))
 
     # 3. Resume from the last committed checkpoint, to the end.
-    resumed = subprocess.run(
-        train_cmd(run, *args, "--config.resume_from_checkpoint=latest"),
-        cwd=ROOT,
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_child(train_cmd(run, *args, "--config.resume_from_checkpoint=latest"), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint 8 in {run}/checkpoints" in resumed.stderr
     assert os.listdir(scratch) == []

@@ -9,12 +9,11 @@ import subprocess
 import jax
 import numpy as np
 from safetensors.numpy import load as load_safetensors
-
-from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE
-
-from test_checkpointing import CHILD_ENV, saved_state, train_cmd
+from test_checkpointing import CHILD_ENV, run_child, saved_state, train_cmd
 from test_storage import _object_bytes
 from test_train import ROOT
+
+from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE
 
 STEPS, EVERY = 24, 12
 ARGS = (f"--config.max_train_steps={STEPS}", f"--config.checkpointing_steps={EVERY}")
@@ -79,14 +78,7 @@ def test_two_processes_in_folders_of_their_own_train_like_one_in_a_bucket_and_st
     tmp_path, gcs_emulator, gcs_path
 ):
     single = tmp_path / "single"
-    subprocess.run(
-        train_cmd(single, *ARGS),
-        cwd=ROOT,
-        env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "4"},
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    run_child(train_cmd(single, *ARGS), env={**BASE_ENV, "JAX_NUM_CPU_DEVICES": "4"}, check=True)
 
     # As on hosts that share no disk: each process has a folder of its own as working directory, HOME and TMPDIR;
     # only the bucket is shared.

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -14,9 +13,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 from PIL import Image
-from test_checkpointing import CHILD_ENV
+from test_checkpointing import CHILD_ENV, run_child
 from test_sampling import CONFIG
-from test_train import ROOT
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
 from uncond_flax.export import load_scheduler_config
@@ -76,15 +74,10 @@ def test_hub_id_offline_samples_with_the_pipelines_scheduler(tmp_path, vpred_pip
     place_in_hub_cache(cache, REPO_ID, vpred_pipeline)
     args = ["--scheduler", "ddim", "--num_inference_steps", "5", "--num_images", "3", "--batch_size", "2"]
     env = {**CHILD_ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
-    from_hub = subprocess.run(
+    from_hub = run_child(
         [sys.executable, "-m", "uncond_flax.sample", "--pipeline", REPO_ID, *args, "--seed", "11"]
         + ["--output_dir", str(tmp_path / "hub_out")],
-        cwd=ROOT,
         env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=600,
     )
     assert from_hub.returncode == 0, from_hub.stderr[-3000:]
     # stderr is a pipe, not a terminal: one progress line per batch instead of tqdm's redraws.
