@@ -177,7 +177,9 @@ class GroupNorm(nnx.GroupNorm):
         b, c, per = x.shape[0], x.shape[-1], self.group_size
         spatial = tuple(range(1, x.ndim - 1))
         count = math.prod(x.shape[1:-1]) * per
-        as_BsC = lambda v_BC: v_BC.reshape(b, *([1] * len(spatial)), c)  # noqa: E731
+
+        def as_BsC(v_BC):  # (B, C) -> (B, 1, ..., 1, C), to broadcast over space
+            return v_BC.reshape(b, *([1] * len(spatial)), c)
 
         def group_mean(v):  # (B, ..., C) -> (B, C): each channel's group mean
             sums_BG = v.sum(axis=spatial).reshape(b, self.num_groups, per).sum(axis=-1)
@@ -206,7 +208,7 @@ def group_norm(
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
-        impl=_impls["norm"],
+        impl=current_implementation("norm"),
         rngs=rngs,
     )
 
