@@ -225,3 +225,48 @@ def test_an_early_sigterm_to_one_process_stops_every_process_at_one_step():
     lines = [out.strip().splitlines()[-1] if out.strip() else "" for out, _ in outputs]
     assert lines[0].startswith("sync point ") and lines[0] == lines[1], outputs
     assert lines[0].endswith(" False")  # neither stops alone: both go on to the agreed step
+
+
+_LEFTOVERS = """
+import sys
+from uncond_flax import cli
+
+
+class Suspend:
+    def __await__(self):
+        yield
+
+
+async def read_shard():  # as orbax's reads, abandoned after another one failed
+    try:
+        await Suspend()
+    except GeneratorExit as e:
+        raise Exception("read abandoned") from e
+
+
+class Callback:
+    def __init__(self, message, kind):
+        self.message, self.kind = message, kind
+
+    def __del__(self):
+        raise self.kind(self.message)
+
+
+if sys.argv[1] == "quiet":
+    cli.quiet_library_tracebacks()
+reader = read_shard()
+reader.send(None)
+del reader
+Callback("Event loop is closed", RuntimeError)
+Callback("a real bug", ValueError)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "default"])
+def test_leftovers_of_a_failure_are_quiet_and_other_unraisable_errors_are_not(mode):
+    out = subprocess.run(
+        [sys.executable, "-c", _LEFTOVERS, mode], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stderr
+    assert "a real bug" in out  # never hidden
+    hidden = mode == "quiet"
+    assert ("read abandoned" in out) != hidden and ("Event loop is closed" in out) != hidden, out

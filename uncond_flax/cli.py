@@ -278,15 +278,20 @@ def quiet_library_tracebacks() -> None:
         handler.addFilter(_without_traceback)
     previous_unraisable = sys.unraisablehook
 
-    def unraisable(info) -> None:  # tensorstore reports its callbacks' errors as unraisable
-        if not _is_closed_loop_noise(info.exc_value):
+    def unraisable(info) -> None:  # tensorstore and orbax report their leftovers' errors as unraisable
+        if not _is_leftover_noise(info.exc_value):
             previous_unraisable(info)
 
     sys.unraisablehook = unraisable
 
 
-def _is_closed_loop_noise(error: BaseException | None) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+def _is_leftover_noise(error: BaseException | None) -> bool:
+    """Errors of work a failure left behind: tensorstore's callbacks on an event loop orbax already closed, and
+    orbax's read coroutines that raise while being closed (GeneratorExit), after one read failed and the restore
+    gave up on the rest."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    return error is not None and isinstance(error.__cause__ or error.__context__, GeneratorExit)
 
 
 def _train(config, prog: str, verbose: bool) -> int:
