@@ -9,7 +9,6 @@ import ml_collections
 
 from uncond_flax.data import check_resolution
 from uncond_flax.errors import check_choice
-from uncond_flax.errors import one_line as one_line  # hub, sample and convert import it from here
 from uncond_flax.export import load_unet_config
 from uncond_flax.metrics import check_logger
 from uncond_flax.models import resolve_unet_config

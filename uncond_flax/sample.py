@@ -338,7 +338,7 @@ def _save_png(image_HWC: np.ndarray, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from uncond_flax.cli import quiet_library_tracebacks
     from uncond_flax.compile_cache import enable_compile_cache
-    from uncond_flax.config import one_line
+    from uncond_flax.errors import one_line
     from uncond_flax.parallel import make_mesh
 
     args = _parser().parse_args(argv)
