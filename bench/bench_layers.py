@@ -7,7 +7,7 @@
 
 Layers: 3x3 convolution (the op, the op without YNNPACK, and as a matmul: `uncond_flax.models.layers.CONV_IMPLS`),
 the stride-2 downsampling convolution, GroupNorm + SiLU, and the attention block (all heads at once through
-jax.nn.dot_product_attention, and one head at a time). For each, ours is
+jax.nn.dot_product_attention, one head at a time, and blockwise with its own backward pass). For each, ours is
 `jax.jit(jax.grad(sum(layer(x) * probe)))` over input and weights; theirs the same with torch.nn (oneDNN). The
 variants alternate call by call, so a busy machine slows all alike: read the ratios (our time / torch's).
 `--clock cpu` counts this process's CPU time instead of wall time: pinned to one core, it is what a quiet core
@@ -162,7 +162,7 @@ def attention_cases(shapes, batch: int):
         x = jnp.asarray(rng.standard_normal((batch, res, res, ch), np.float32))
         heads = ch // head_dim
         jax_runs = {}
-        for impl in ("xla", "per_head"):
+        for impl in ("xla", "per_head", "blockwise"):
             with implementations(attention=impl):
                 graphdef, params = nnx.split(
                     Attention(ch, heads=heads, dim_head=head_dim, norm_num_groups=32, rngs=nnx.Rngs(0))

@@ -83,3 +83,51 @@ def test_train_step_applies_dropout(tmp_path):
         tiny_config(tmp_path, train_batch_size=16, **{"model.dropout": 0.5}), mesh, 1, with_metrics=True
     )
     assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-4
+
+
+def _convolutions_in_ynn_fusions(hlo_text: str) -> tuple[int, int]:
+    """(convolutions in the program, those inside a YNNPACK fusion) in a compiled program's text."""
+    import re
+
+    bodies, name = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            bodies[name] = 0
+        elif name is not None:
+            bodies[name] += " convolution(" in line
+    in_ynn = 0
+    for line in hlo_text.splitlines():
+        call = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .* calls=%?([\w.\-]+)", line)
+        if call and "ynn" in call.group(1):
+            in_ynn += bodies.get(call.group(2), 0)
+    return sum(bodies.values()), in_ynn
+
+
+def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
+    """jit_train_step's compiler options keep convolutions out of YNNPACK (3x slower weight gradients there)."""
+    from uncond_flax.config import noise_scheduler_for, resolve_config
+    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from uncond_flax.step import CPU_STEP_COMPILER_OPTIONS, jit_train_step, make_train_step, step_compiler_options
+    from uncond_flax.train_state import train_state_layout
+
+    if jax.default_backend() != "cpu" or step_compiler_options() is None:
+        pytest.skip("XLA:CPU's YNNPACK options are not in this jaxlib")
+    # 32 channels: YNNPACK leaves convolutions of <= 16 channels to XLA anyway.
+    config = resolve_config(tiny_config(tmp_path, **{"model.block_out_channels": (32,), "model.norm_num_groups": 8}))
+    mesh, tx = make_mesh(devices=jax.devices()[:1]), make_optimizer(config, 10)
+    graphdef, _, abstract, shardings, _ = train_state_layout(config, mesh, tx)
+    step_fn = make_train_step(
+        graphdef, tx=tx, lr_fn=lr_schedule_for(config, 10), noise_scheduler=noise_scheduler_for(config), config=config
+    )
+    jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
+    batch = jax.ShapeDtypeStruct((1, config.train_batch_size, 8, 8, 1), "uint8", sharding=images_sharding)
+    lowered = jitted.trace(abstract, batch).lower()
+    convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile().as_text())
+    assert convs >= 6 and in_ynn == 0, (convs, in_ynn)
+    # The same program with YNNPACK's convolutions back on: the check above sees them.
+    conv_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    with_ynn_convs = {k: f"{v},{conv_type}" for k, v in CPU_STEP_COMPILER_OPTIONS.items()}
+    convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile(compiler_options=with_ynn_convs).as_text())
+    assert in_ynn >= 6, (convs, in_ynn)

@@ -72,17 +72,35 @@ def conv_as_matmul(
     )
 
 
-# How Conv layers compute; equal results, other speed. "auto" is the convolution op on every backend: on CPU
-# (XLA 0.10) it beat the matmul form at every shape of the default and small UNets but 4 px x 512 channels
-# (bench/bench_layers.py), and GPU/TPU compilers own their convolutions.
+def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, *args, **kwargs) -> jax.Array:
+    """The convolution op, but on CPU the matmul form (`conv_as_matmul`) where the output is smaller than the kernel.
+
+    There XLA:CPU swaps the roles of image and kernel in the backward convolutions, and the swapped form runs at
+    ~0.5 GFLOP/s: a 3x3 convolution at 2 px x 512 channels, forward + backward, took 170 ms as the op and 3.6 ms as a
+    matmul (batch 4; a stride-2 one from 4 px: 99 vs 6.7 ms). The default UNet has 2 px blocks. Elsewhere the op
+    was as fast or faster (bench/bench_layers.py). NHWC x HWIO, like `conv_as_matmul`.
+    """
+    if jax.default_backend() == "cpu" and lhs.ndim == 4 and not isinstance(padding, str):
+        kernel = rhs.shape[:2]
+        out = [(lhs.shape[1 + i] + sum(padding[i]) - kernel[i]) // window_strides[i] + 1 for i in range(2)]
+        if min(out) < max(kernel):
+            return conv_as_matmul(lhs, rhs, window_strides, padding, *args, **kwargs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+
+
+# How Conv layers compute; equal results, other speed. "auto" is `conv_auto`: the convolution op on every backend
+# (GPU/TPU compilers own their convolutions), but the matmul form for CPU convolutions whose output is smaller
+# than their kernel.
 CONV_IMPLS: dict[str, Callable[..., jax.Array]] = {
-    "auto": lax.conv_general_dilated,
+    "auto": conv_auto,
     "conv": lax.conv_general_dilated,
     "matmul": conv_as_matmul,
 }
 # How the attention block computes softmax(q k^T) v: "xla" = jax.nn.dot_product_attention over all heads at
-# once; "per_head" = one head at a time (a loop), recomputed in the backward pass; "auto" = per_head on CPU.
-ATTENTION_IMPLS = ("auto", "xla", "per_head")
+# once; "per_head" = one head at a time (a loop), recomputed in the backward pass; "blockwise" = a few (image,
+# head) pairs at a time with a hand-written backward pass (attention.attention_blockwise); "auto" = blockwise on
+# CPU, xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "per_head", "blockwise")
 # How GroupNorm reduces: "grouped" = flax's nnx.GroupNorm (reshape to (..., G, C/G), reduce over a minor axis of
 # C/G); "channel_sums" = sum each channel over space first, then the channels of a group; "auto" = channel_sums
 # on CPU, where XLA runs the short minor-axis reductions slowly: norm + SiLU 6x faster at 16 channels in 8 groups,
