@@ -3,6 +3,7 @@
     python bench/bench_train_step.py --model small                  # (32, 64, 64), 1 layer per block, 32 px
     python bench/bench_train_step.py --model default                # train_unconditional's 113.7 M UNet, 64 px
     python bench/bench_train_step.py --model default --batch-size 4 --steps 5   # a quicker look
+    python bench/bench_train_step.py --model digits --batch-size 64 # the README demo's UNet, 8 px
     python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
@@ -46,6 +47,7 @@ MODELS = {
         },
     },
     "default": {"resolution": 64, "unet": {}},  # configs/default.py's model: train_unconditional's UNet
+    "digits": {"resolution": 8, "unet": {}},  # configs/digits.py's model (the README's demo)
 }
 
 
@@ -57,9 +59,9 @@ def _set_isa(isa: str) -> None:
 
 
 def _config(model: str, batch: int, resolution: int):
-    from configs import default
+    from configs import default, digits
 
-    config = default.get_config()
+    config = (digits if model == "digits" else default).get_config()
     config.dataset_name = "digits"
     config.resolution = resolution
     config.train_batch_size = batch
@@ -87,7 +89,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
             config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
         )
     res = config.resolution
-    images = np.random.default_rng(0).integers(0, 256, (1, batch, res, res, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (1, batch, res, res, config.model.in_channels), dtype=np.uint8)
     images = jax.device_put(images, images_sharding)
     holder = [state]
 
