@@ -5,7 +5,7 @@
     python bench/bench_layers.py --only conv3x3 --isa avx2
     taskset -c 0 python bench/bench_layers.py --clock cpu     # on a busy shared machine: one core, CPU time
 
-Layers: 3x3 convolution (the op, the op without YNNPACK, and as a matmul: `uncond_flax.models.layers.CONV_IMPLS`),
+Layers: 3x3 convolution (as the train step runs it, the op, the op without YNNPACK, as a matmul: `CONV_IMPLS`),
 the stride-2 downsampling convolution, GroupNorm + SiLU, and the attention block (all heads at once through
 jax.nn.dot_product_attention, one head at a time, and blockwise with its own backward pass). For each, ours is
 `jax.jit(jax.grad(sum(layer(x) * probe)))` over input and weights; theirs the same with torch.nn (oneDNN). The
@@ -34,7 +34,7 @@ NO_YNN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDI
 
 # (resolution, channels) of the resnets' 3x3 convolutions; attention at (resolution, channels, head_dim).
 SHAPES = {
-    "default": {"convs": [(64, 128), (32, 128), (16, 256), (8, 256), (4, 512)], "attention": [(4, 512, 8)]},
+    "default": {"convs": [(64, 128), (32, 128), (16, 256), (8, 256), (4, 512), (2, 512)], "attention": [(4, 512, 8)]},
     "small": {"convs": [(32, 32), (16, 64), (8, 64)], "attention": [(16, 64, 8)]},
 }
 
@@ -87,6 +87,7 @@ def conv_cases(shapes, batch: int, stride: int):
     import torch
 
     from uncond_flax.models.layers import CONV_IMPLS
+    from uncond_flax.step import step_compiler_options
 
     rng = np.random.default_rng(0)
     cases = {}
@@ -104,6 +105,8 @@ def conv_cases(shapes, batch: int, stride: int):
         cases[tag] = {
             "flops": flops,
             "runs": {
+                # As the train step runs it: conv_auto, compiled with the step's options (XLA's own convolutions).
+                "jax step": (_jax_grad(lambda x, w: layer(x, w, "auto"), x, w, step_compiler_options()), x, w),
                 "jax conv": (_jax_grad(lambda x, w: layer(x, w, "conv"), x, w), x, w),
                 "jax conv (no YNN)": (_jax_grad(lambda x, w: layer(x, w, "conv"), x, w, NO_YNN_CONV), x, w),
                 "jax matmul": (_jax_grad(lambda x, w: layer(x, w, "matmul"), x, w), x, w),
