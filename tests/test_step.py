@@ -124,10 +124,11 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = jax.ShapeDtypeStruct((1, config.train_batch_size, 8, 8, 1), "uint8", sharding=images_sharding)
     lowered = jitted.trace(abstract, batch).lower()
-    convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile().as_text())
-    assert convs >= 6 and in_ynn == 0, (convs, in_ynn)
-    # The same program with YNNPACK's convolutions back on: the check above sees them.
+    # The same program with YNNPACK's convolutions back on: the check below would see them.
     conv_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     with_ynn_convs = {k: f"{v},{conv_type}" for k, v in CPU_STEP_COMPILER_OPTIONS.items()}
-    convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile(compiler_options=with_ynn_convs).as_text())
-    assert in_ynn >= 6, (convs, in_ynn)
+    _, control = _convolutions_in_ynn_fusions(lowered.compile(compiler_options=with_ynn_convs).as_text())
+    if control == 0:
+        pytest.skip("this XLA gives YNNPACK no float32 convolutions: nothing to keep out")
+    convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile().as_text())
+    assert convs >= 6 and in_ynn == 0 and control >= 6, (convs, in_ynn, control)
