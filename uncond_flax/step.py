@@ -102,7 +102,7 @@ def make_train_step(
 
         # A skipped (non-finite) step keeps both. A `cond`, not a select between the new and old values: to
         # select, XLA keeps each old Adam moment alive past its in-place update with a copy of every moment (280
-        # ms of the default UNet's 6.2 s CPU step, and a third more instructions to compile and load).
+        # ms of the default UNet's 6.2 s CPU step; on a 50-leaf toy, 712 instructions instead of 353).
         params, opt_state = jax.lax.cond(finite, apply_update, lambda kept: kept, (state.params, state.opt_state))
         ema_params, ema_step, decay = state.ema_params, state.ema_step, jnp.zeros((), jnp.float32)
         if ema_params is not None:
