@@ -15,7 +15,7 @@ import types
 import urllib.error
 
 import pytest
-from test_checkpointing import CHILD_ENV, train_cmd, wait_for
+from test_checkpointing import CHILD_ENV, run_child, train_cmd, wait_for
 from test_storage import _object_bytes
 from test_train import ROOT
 
@@ -264,15 +264,7 @@ def test_a_second_training_run_in_the_same_bucket_folder_stops_with_one_line(tmp
         )
     try:
         wait_for(lambda: _lock_object(gcs_emulator, lock_url) is not None, first, 120, "the first run's lock")
-        second = subprocess.run(
-            train_cmd(run, "--config.max_train_steps=2"),
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        second = run_child(train_cmd(run, "--config.max_train_steps=2"), env=env)
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith(
