@@ -9,7 +9,8 @@ Sections, each in its own process under a hard time limit (a section that overru
 others still run, and everything measured so far has been printed already):
   env        backend, devices, versions
   jax-step   the train_unconditional UNet's jitted train step (64 px on GPU) in bf16 and fp32: compile time,
-             step time, img/s, FLOPs per step (XLA cost analysis), MFU, peak device memory
+             step time, img/s, FLOPs per step (XLA cost analysis), MFU, peak device memory; in bf16 also where
+             the step's time goes: 3 steps under jax.profiler, XLA's ops by kind (--profile-steps)
   torch-step the same UNet in diffusers with torch AdamW + clip_grad_norm_ (bf16 autocast on GPU), and the ratio
   tiny-train 200 optimizer steps of a tiny config on real digits (synthetic bars without scikit-learn): the loss
              must fall
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -189,8 +191,75 @@ def compile_step(
     return compiled, state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
 
 
-def jax_step(config: Any, steps: int) -> dict[str, Any]:
-    """Compile and time our real train step on random uint8 images: FLOPs, MFU, memory."""
+def _op_kind(name: str) -> str:
+    """An XLA op's kind from its trace event's name: "loop_add_fusion.12" -> "loop_add_fusion"."""
+    return re.sub(r"\.\d+$", "", name.split(" = ")[0].strip().lstrip("%"))
+
+
+def _op_events(plane: Any) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of the XLA ops one trace plane ran: a device's "XLA Ops" line (else its
+    streams' kernels); on the host, the XLA:CPU threads' outermost events that are not the executor's own."""
+    lines = list(plane.lines)
+    if plane.name.startswith("/device:"):
+        chosen = [line for line in lines if line.name == "XLA Ops"] or [
+            line for line in lines if line.name.startswith("Stream")
+        ]
+        return [(e.name, e.start_ns, e.duration_ns) for line in chosen for e in line.events]
+    events = []
+    for line in lines:
+        if not line.name.startswith("tf_XLA"):
+            continue
+        end = -1
+        for e in sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns)):
+            if e.name.startswith(_HOST_NOT_OPS) or e.start_ns < end:  # not an op, or nested in one
+                continue
+            end = e.start_ns + e.duration_ns
+            events.append((e.name, e.start_ns, e.duration_ns))
+    return events
+
+
+# XLA:CPU's own bookkeeping in a host trace; every other event on its threads is an op (thunk) of the program.
+_HOST_NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ")
+
+
+def op_breakdown(run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12) -> dict[str, Any]:
+    """Where a step's time goes: `steps` calls of `run_step` (each waits for its step) under jax.profiler, XLA's
+    ops grouped by kind, per step. `busy` is op time over wall time (above 1 where a CPU runs ops in parallel)."""
+    import glob
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        try:
+            for _ in range(steps):
+                run_step()
+        finally:
+            jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+        events = [e for plane in data.planes for e in _op_events(plane)]
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for name, _, duration in events:
+        kind = _op_kind(name)
+        total[kind] = total.get(kind, 0.0) + duration / 1e6 / steps
+        count[kind] = count.get(kind, 0) + 1
+    op_ms = sum(total.values())
+    kinds = sorted(total, key=total.get, reverse=True)[:top]
+    return {
+        "op_ms_per_step": op_ms,
+        "busy": op_ms / 1e3 / step_s if step_s else None,
+        "ops": [[k, round(total[k], 3), count[k] // steps, round(total[k] / op_ms, 4)] for k in kinds],
+    }
+
+
+def jax_step(
+    config: Any, steps: int, profile_steps: int = 0, report: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Compile and time our real train step on random uint8 images: FLOPs, MFU, memory; then, with
+    `profile_steps`, where the step's time goes (`op_breakdown`), after handing the timings to `report`."""
     import jax
     import numpy as np
 
@@ -233,14 +302,39 @@ def jax_step(config: Any, steps: int) -> dict[str, Any]:
         f"{result['achieved_tflops'] or 0:.2f} TFLOP/s; MFU {_pct(utilisation)}; "
         f"peak memory {_gib(result['peak_memory_gib'])}"
     )
+    if profile_steps:
+        if report:  # a section cut short while profiling keeps its timings
+            report(dict(result))
+        holder = [state]
+
+        def run_step() -> None:
+            holder[0], step_metrics = compiled(holder[0], images)
+            jax.block_until_ready(step_metrics)
+
+        try:
+            result["profile"] = op_breakdown(run_step, profile_steps, seconds)
+        except Exception as e:  # noqa: BLE001 -- a profiler that cannot start must not cost the timings
+            result["profile"] = {"error": f"{type(e).__name__}: {one_line(e)[:200]}"}
+        _say(_profile_line(result["profile"]))
     return result
+
+
+def _profile_line(profile: dict[str, Any], top: int = 6) -> str:
+    if "error" in profile:
+        return f"  profile: {profile['error']}"
+    if not profile["ops"]:
+        return "  profile: no op events in the trace (an older XLA:CPU: XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)"
+    ops = ", ".join(f"{kind} {share:.0%}" for kind, _, _, share in profile["ops"][:top])
+    return f"  profile: {profile['op_ms_per_step']:.1f} ms of ops per step (busy {profile['busy']:.2f}): {ops}"
 
 
 def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
     sizes = PRESETS[args.preset]
     config = bench_config(args.preset, args.precision, args.batch)
     _say(f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}")
-    return jax_step(config, args.steps or sizes["steps"])
+    return jax_step(
+        config, args.steps or sizes["steps"], args.profile_steps, report=lambda result: _report("jax-step", result)
+    )
 
 
 def torch_train_step(config: Any, batch: int, precision: str = "no") -> tuple[Callable[[], Any], Any]:
@@ -505,6 +599,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"MFU {_pct(r['mfu'])}  peak mem {_gib(r['peak_memory_gib'])}  (batch {r['batch']}, "
                 f"{r['resolution']} px)"
             )
+            if "profile" in r:
+                lines.append(f"{'':<16}{_profile_line(r['profile'])}")
         elif r["section"] == "torch-step":
             lines.append(
                 f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  (batch {r['batch']})"
@@ -563,13 +659,13 @@ def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         preset = results.get("env", {}).get("preset", "small")
     common = ["--preset", preset] + (["--batch", str(args.batch)] if args.batch else [])
     common += ["--steps", str(args.steps)] if args.steps else []
-    run("jax-step:bf16", "jax-step", [*common, "--precision", "bf16"])
+    run("jax-step:bf16", "jax-step", [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps)])
     # JAX on the CPU there: it would otherwise take most of the GPU's memory before torch starts.
     run("torch-step", "torch-step", common, env={"JAX_PLATFORMS": "cpu"})
     train_steps = ["--train-steps", str(args.train_steps)] if args.train_steps else []
     run("tiny-train", "tiny-train", ["--preset", preset, *train_steps])
     run("attention", "attention", ["--preset", preset])
-    run("jax-step:no", "jax-step", [*common, "--precision", "no"])
+    run("jax-step:no", "jax-step", [*common, "--precision", "no", "--profile-steps", "0"])  # what time is left
 
     _say(f"\n== summary (preset {preset})")
     for line in summarize(results):
@@ -593,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
     parser.add_argument("--train-steps", type=int, default=None, help="tiny-train steps (default: the preset's)")
+    parser.add_argument(
+        "--profile-steps", type=int, default=3, help="jax-step: steps traced for the op breakdown (0: none)"
+    )
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
     parser.add_argument(
         "--total-limit",

@@ -32,6 +32,32 @@ def test_jax_and_torch_steps_measure_the_same_unet():
     assert ours["img_per_s"] > 0 and theirs["img_per_s"] > 0
 
 
+def test_op_breakdown_counts_the_ops_a_program_runs():
+    x = jax.device_put(np.ones((4, 16, 16, 8), np.float32), jax.devices()[0])
+    w = jax.device_put(np.ones((3, 3, 8, 8), np.float32), jax.devices()[0])
+    conv = jax.jit(
+        lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    )
+    conv(x, w).block_until_ready()
+    profile = gpu_check.op_breakdown(lambda: conv(x, w).block_until_ready(), steps=3, step_s=1.0)
+    kinds = {kind: (ms, count) for kind, ms, count, _ in profile["ops"]}
+    conv_kinds = [kind for kind in kinds if "conv" in kind]
+    assert len(conv_kinds) == 1 and kinds[conv_kinds[0]][1] == 1, profile  # one convolution per call
+    assert 0 < profile["op_ms_per_step"] < 1e3 and sum(share for *_, share in profile["ops"]) <= 1.0 + 1e-6
+
+
+def test_jax_step_reports_its_timings_before_profiling():
+    reported = []
+    result = gpu_check.jax_step(
+        gpu_check.bench_config("tiny", "no", batch=16), 1, profile_steps=2, report=reported.append
+    )
+    assert [sorted(r) for r in reported] == [sorted(set(result) - {"profile"})]
+    ops = {kind for kind, *_ in result["profile"]["ops"]}
+    assert any("conv" in kind for kind in ops), ops  # the UNet's convolutions are among its costliest ops
+    assert result["profile"]["op_ms_per_step"] > 0
+    assert "profile: " in gpu_check._profile_line(result["profile"])
+
+
 def test_tiny_training_loss_falls():
     result = gpu_check.tiny_train(steps=40, batch=16)  # the program the step test compiled: a cache hit
     assert result["data"] == "sklearn digits"
