@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100
     c.max_train_steps = ml_collections.FieldReference(None, field_type=int)
     c.gradient_accumulation_steps = 1
+    # How the micro-batches' gradients are summed inside the step: "unrolled" (one traced copy each), "scan" (one
+    # copy in a loop: compile time does not grow with their number), "auto": unrolled on CPU, scan on GPU/TPU.
+    c.accumulation_loop = "auto"
     c.learning_rate = 1e-4
     c.lr_scheduler = "cosine"
     c.lr_warmup_steps = 500

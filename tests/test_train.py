@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -173,29 +174,63 @@ def test_data_parallel_and_fsdp_equal_one_device(tmp_path):
     assert_same_training(on_1, fsdp)
 
 
-def test_accumulation_of_4x4_equals_one_batch_of_16(tmp_path):
+@pytest.mark.parametrize(
+    "loop, per_device, accum, fsdp",
+    [("unrolled", 4, 4, None), ("scan", 4, 4, None), ("scan", 1, 2, 2)],
+    ids=["unrolled-4x4", "scan-4x4", "scan-2x8-fsdp"],
+)
+def test_accumulation_equals_one_batch_of_16(tmp_path, loop, per_device, accum, fsdp):
+    # 16 images per step: one batch of 2 per device on 8 devices, or `accum` micro-batches (on 1 device, or all
+    # 8 with params sharded fsdp-ways).
+    mesh = make_mesh(fsdp=fsdp) if fsdp else make_mesh(devices=jax.devices()[:1])
+    config = tiny_config(
+        tmp_path, train_batch_size=per_device, gradient_accumulation_steps=accum, accumulation_loop=loop
+    )
+    if fsdp:
+        config.fsdp = fsdp
     with (
         build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=2)), make_mesh()) as big,
-        build_train_loader(
-            resolve_config(tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4)),
-            make_mesh(devices=jax.devices()[:1]),
-        ) as small,
+        build_train_loader(resolve_config(config), mesh) as small,
     ):
         for _ in range(2):
             a, b = np.asarray(next(big)["images"]), np.asarray(next(small)["images"])
-            assert a.shape == (1, 16, 8, 8, 1) and b.shape == (4, 4, 8, 8, 1)
+            assert a.shape == (1, 16, 8, 8, 1) and b.shape == (accum, 16 // accum, 8, 8, 1)
             np.testing.assert_array_equal(a.reshape(16, -1), b.reshape(16, -1))
     one_big = run_steps(
         tiny_config(tmp_path, train_batch_size=2, gradient_accumulation_steps=1), make_mesh(), 2, with_metrics=True
     )
-    # 4 micro-batches of 4 (on 1 device, to keep the global batch at 16).
-    accum = run_steps(
-        tiny_config(tmp_path, train_batch_size=4, gradient_accumulation_steps=4),
-        make_mesh(devices=jax.devices()[:1]),
-        2,
-        with_metrics=True,
-    )
-    assert_same_training(one_big, accum)
+    assert_same_training(one_big, run_steps(config, mesh, 2, with_metrics=True))
+
+
+def test_scan_and_unrolled_accumulation_draw_the_same_dropout(tmp_path):
+    mesh = make_mesh(devices=jax.devices()[:2])
+    runs = [
+        run_steps(
+            tiny_config(tmp_path, gradient_accumulation_steps=2, accumulation_loop=loop, **{"model.dropout": 0.5}),
+            mesh,
+            2,
+            with_metrics=True,
+        )
+        for loop in ("unrolled", "scan")
+    ]
+    assert_same_training(*runs)
+
+
+@pytest.mark.parametrize("loop, loops_in_program", [("unrolled", 0), ("scan", 1), ("auto", 0)])
+def test_accumulation_loop_is_one_scan_or_unrolled(tmp_path, loop, loops_in_program):
+    config = resolve_config(tiny_config(tmp_path, gradient_accumulation_steps=3, accumulation_loop=loop))
+    mesh = make_mesh(fsdp=2)
+    state, step = build_step(config, mesh)
+    images = jax.ShapeDtypeStruct((3, 8 * config.train_batch_size, 8, 8, 1), jnp.uint8)
+    jaxpr = jax.make_jaxpr(step)(state, images)
+    # A loop over the 3 micro-batches holds the whole forward and backward pass, traced once (the attention's
+    # own small loops are not it).
+    loops = [
+        e
+        for e in jaxpr.eqns[0].params["jaxpr"].eqns
+        if e.primitive.name == "scan" and e.params["length"] == 3 and len(e.params["jaxpr"].eqns) > 100
+    ]
+    assert len(loops) == loops_in_program  # "auto" on CPU: unrolled
 
 
 def layer_matmul_types(hlo_text):
@@ -281,6 +316,7 @@ def test_consecutive_non_finite_steps_stop_the_run():
         (dict(sample_scheduler="dpm"), "sample_scheduler='dpm'"),
         (dict(ddpm_beta_schedule="quadratic"), "beta_schedule"),
         (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0"),
+        (dict(accumulation_loop="while"), "accumulation_loop='while' is not supported; choose one"),
         (
             dict(
                 resolution=9,

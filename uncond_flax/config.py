@@ -18,6 +18,7 @@ from uncond_flax.schedulers.common import PREDICTION_TYPES
 
 COMPUTE_DTYPES = {"no": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 SAMPLE_SCHEDULERS = ("ddpm", "ddim")
+ACCUMULATION_LOOPS = ("auto", "unrolled", "scan")  # the step's loop over micro-batches (step.resolve_accumulation_loop)
 # Fields that hold credentials: used while the run lives, never written to a checkpoint, a log or a logger.
 SECRET_FIELDS = ("hub_token",)
 
@@ -51,6 +52,7 @@ def check_fields(config: Any) -> None:
     check_choice("mixed_precision", config.mixed_precision, tuple(COMPUTE_DTYPES))
     check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
     check_choice("sample_scheduler", config.sample_scheduler, SAMPLE_SCHEDULERS)
+    check_choice("accumulation_loop", config.accumulation_loop, ACCUMULATION_LOOPS)
     check_logger(config.logger)
     lr_schedule_for(config, 1)
     for key in _POSITIVE_INTS:

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from uncond_flax.config import ACCUMULATION_LOOPS
 from uncond_flax.ema import EmaSchedule
+from uncond_flax.errors import check_choice
 from uncond_flax.finite import all_finite
 from uncond_flax.optim import global_norm_like_torch
 from uncond_flax.parallel import batch_sharding, replicated
@@ -41,6 +43,17 @@ def diffusion_loss(
     raise ValueError(f"prediction_type={prediction_type!r}; choose one of {list(PREDICTION_TYPES)}")
 
 
+def resolve_accumulation_loop(value: str) -> str:
+    """How the step sums its micro-batches' gradients (`config.ACCUMULATION_LOOPS`): "unrolled" traces the forward
+    and backward pass once per micro-batch, so compile time grows with their number; "scan" runs one traced copy
+    in a `lax.scan`; "auto" is unrolled on CPU, where XLA runs convolutions inside a loop body many times slower
+    (README, Benchmarks), and scan on GPU and TPU. Both add the same numbers in the same order."""
+    check_choice("accumulation_loop", value, ACCUMULATION_LOOPS)
+    if value == "auto":
+        return "unrolled" if jax.default_backend() == "cpu" else "scan"
+    return value
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     *,
@@ -56,6 +69,7 @@ def make_train_step(
     only feeds the logged `lr` (the schedule itself lives in `tx`, counting applied updates).
     """
     prediction_type = config.prediction_type
+    accumulation_loop = resolve_accumulation_loop(config.get("accumulation_loop", "auto"))
     num_train_timesteps = noise_scheduler.num_train_timesteps
     use_dropout = config.model.get("dropout", 0.0) > 0
     ema_schedule = EmaSchedule.from_config(config)
@@ -77,20 +91,22 @@ def make_train_step(
         t_AB = jax.random.randint(k_time, x0_ABHWC.shape[:2], 0, num_train_timesteps)
         accum = x0_ABHWC.shape[0]
 
-        # A Python loop, unrolled at trace time: XLA:CPU runs convolutions inside a `lax.scan` body ~30x
-        # slower, and A is small. Compile time grows with A.
-        grads, loss_sum = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
-        for i in range(accum):
+        def accumulate(carry, micro_batch):
+            grads, loss_sum = carry
+            x0, noise, t_B, i = micro_batch
             micro_grads, micro = grad_fn(
-                state.params,
-                state.buffers,
-                x0_ABHWC[i],
-                noise_ABHWC[i],
-                t_AB[i],
-                jax.random.fold_in(k_drop, i),
-                state.loss_scale,
+                state.params, state.buffers, x0, noise, t_B, jax.random.fold_in(k_drop, i), state.loss_scale
             )
-            grads, loss_sum = jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro
+            return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro), None
+
+        carry = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
+        micro_batches = (x0_ABHWC, noise_ABHWC, t_AB, jnp.arange(accum, dtype=jnp.uint32))
+        if accumulation_loop == "scan" and accum > 1:  # one micro-batch's program, compiled once
+            carry, _ = jax.lax.scan(accumulate, carry, micro_batches)
+        else:  # unrolled at trace time: A copies of the program
+            for i in range(accum):
+                carry, _ = accumulate(carry, jax.tree.map(lambda v, i=i: v[i], micro_batches))
+        grads, loss_sum = carry
         loss = loss_sum / accum
         grads = state.loss_scale.unscale(jax.tree.map(lambda g: g / accum, grads))
         finite = jnp.isfinite(loss) & all_finite(grads)
