@@ -7,6 +7,7 @@
     python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
+    python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
         --jax "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"   # one lever each
     taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
@@ -15,9 +16,9 @@ Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + 
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
-variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` (models.layers.implementations), any
-other key an XLA compiler option for that variant's step alone. No `--jax`: one variant, as the trainer runs.
-Not a test.
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` (models.layers.implementations),
+`accumulation_loop=` (the config field), any other key an XLA compiler option for that variant's step alone.
+No `--jax`: one variant, as the trainer runs. Not a test.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def jax_side(config, batch: int, variant: dict[str, str]):
 
     options = dict(variant)
     impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
+    config = config.copy_and_resolve_references()
+    if "accumulation_loop" in options:
+        config.accumulation_loop = options.pop("accumulation_loop")
 
     config = resolve_config(config)
     with implementations(**impls):
@@ -89,7 +93,8 @@ def jax_side(config, batch: int, variant: dict[str, str]):
             config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
         )
     res = config.resolution
-    images = np.random.default_rng(0).integers(0, 256, (1, batch, res, res, config.model.in_channels), dtype=np.uint8)
+    shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     images = jax.device_put(images, images_sharding)
     holder = [state]
 
@@ -119,13 +124,19 @@ def main() -> None:
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
     parser.add_argument("--jax", action="append", help="a variant of our side, KEY=VALUE;... (repeatable)")
     parser.add_argument("--no-torch", action="store_true", help="time only our side")
+    parser.add_argument(
+        "--accumulation-steps", type=int, default=1, help="micro-batches per step, ours only (torch is not run)"
+    )
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be >= 1")
+    if min(args.steps, args.batch_size, args.accumulation_steps) < 1:
+        parser.error("--steps, --batch-size and --accumulation-steps must be >= 1")
     _set_isa(args.isa)
     resolution = args.resolution or MODELS[args.model]["resolution"]
     config = _config(args.model, args.batch_size, resolution)
+    config.gradient_accumulation_steps = args.accumulation_steps
+    if args.accumulation_steps > 1:
+        args.no_torch = True  # one torch step is one micro-batch here
 
     import jax
     import torch
@@ -148,7 +159,8 @@ def main() -> None:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"{args.model} UNet, {resolution} px, batch {args.batch_size}, fp32, {args.clock} clock, isa={args.isa}; "
+        f"{args.model} UNet, {resolution} px, batch {args.batch_size} x {args.accumulation_steps} micro-batches, "
+        f"fp32, {args.clock} clock, isa={args.isa}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     )
@@ -158,7 +170,8 @@ def main() -> None:
     for name, m in median.items():
         spread = f"min {min(times[name]):.3f} max {max(times[name]):.3f}"
         vs_torch = f"  {m / median['torch']:.2f}x torch's time" if "torch" in median and name != "torch" else ""
-        print(f"{name:{width}s}: {m:7.3f} s/step {args.batch_size / m:7.2f} img/s ({spread}){vs_torch}")
+        images = args.batch_size * args.accumulation_steps
+        print(f"{name:{width}s}: {m:7.3f} s/step {images / m:7.2f} img/s ({spread}){vs_torch}")
     if "torch" in runs:
         print(f"params: {n_params / 1e6:.1f} M; median of {args.steps} interleaved steps after one warm-up step")
 

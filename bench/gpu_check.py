@@ -4,6 +4,7 @@
     python bench/gpu_check.py                        # preset from the backend: default on a GPU, else small
     python bench/gpu_check.py --preset tiny          # a few minutes on a CPU: exercises every section
     python bench/gpu_check.py --section jax-step --precision bf16   # one section, in this process
+    python bench/gpu_check.py --section jax-step --batch 256 --gradient-checkpointing   # memory against compute
 
 Sections, each in its own process under a hard time limit (a section that overruns is killed and reported; the
 others still run, and everything measured so far has been printed already):
@@ -296,6 +297,7 @@ def jax_step(
         "peak_memory_gib": (_peak_bytes(device) or 0) / 2**30 or None,
         "loss": loss,
         "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "gradient_checkpointing": bool(config.get("gradient_checkpointing", False)),
     }
     _say(
         f"  step {seconds * 1e3:.1f} ms = {result['img_per_s']:.1f} img/s; "
@@ -331,7 +333,11 @@ def _profile_line(profile: dict[str, Any], top: int = 6) -> str:
 def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
     sizes = PRESETS[args.preset]
     config = bench_config(args.preset, args.precision, args.batch)
-    _say(f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}")
+    config.gradient_checkpointing = args.gradient_checkpointing
+    _say(
+        f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}"
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+    )
     return jax_step(
         config, args.steps or sizes["steps"], args.profile_steps, report=lambda result: _report("jax-step", result)
     )
@@ -689,6 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
     parser.add_argument("--train-steps", type=int, default=None, help="tiny-train steps (default: the preset's)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="jax-step: recompute each UNet block in the backward pass (memory against compute)",
+    )
     parser.add_argument(
         "--profile-steps", type=int, default=3, help="jax-step: steps traced for the op breakdown (0: none)"
     )

@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     # How the micro-batches' gradients are summed inside the step: "unrolled" (one traced copy each), "scan" (one
     # copy in a loop: compile time does not grow with their number), "auto": unrolled on CPU, scan on GPU/TPU.
     c.accumulation_loop = "auto"
+    # As diffusers' --gradient_checkpointing (its other training scripts): the backward pass recomputes each UNet
+    # block's activations instead of keeping them: less device memory (a larger batch fits), about one more
+    # forward pass of compute.
+    c.gradient_checkpointing = False
     c.learning_rate = 1e-4
     c.lr_scheduler = "cosine"
     c.lr_warmup_steps = 500

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from flax import nnx
 
+from uncond_flax.config import resolve_config
+from uncond_flax.optim import make_optimizer
 from uncond_flax.parallel import make_mesh
 from uncond_flax.schedulers import FlaxDDPMScheduler
 from uncond_flax.step import diffusion_loss
-from uncond_flax.train_state import build_model
+from uncond_flax.train_state import build_model, train_state_layout
 
 from test_train import run_steps, tiny_config
 from torch_reference import nchw
@@ -83,6 +85,44 @@ def test_train_step_applies_dropout(tmp_path):
         tiny_config(tmp_path, train_batch_size=16, **{"model.dropout": 0.5}), mesh, 1, with_metrics=True
     )
     assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-4
+
+
+def _residual_bytes(graphdef, params, rest, x, t):
+    """Bytes the forward pass keeps for the backward pass (the vjp's residuals, weights included)."""
+
+    def loss(params):
+        return jnp.mean(nnx.merge(graphdef, params, rest)(x, t, rngs=nnx.Rngs(dropout=jax.random.key(3))) ** 2)
+
+    residuals = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params)
+    return sum(r.size * r.dtype.itemsize for r in residuals)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradients(tmp_path):
+    config = resolve_config(tiny_config(tmp_path, gradient_checkpointing=True, **{"model.dropout": 0.5}))
+    train_graphdef, eval_graphdef, _, _, _ = train_state_layout(config, make_mesh(), make_optimizer(config, 10))
+    model = build_model(config)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    # The train step's model recomputes; the float32 one that samples and exports does not.
+    assert nnx.merge(train_graphdef, params, rest).gradient_checkpointing
+    assert not nnx.merge(eval_graphdef, params, rest).gradient_checkpointing
+
+    rng = np.random.default_rng(0)
+    x, t = jnp.asarray(rng.standard_normal((16, 8, 8, 1)), jnp.float32), jnp.arange(16) * 60
+    kept = _residual_bytes(train_graphdef, params, rest, x, t)
+    plain = _residual_bytes(eval_graphdef, params, rest, x, t)
+    assert kept < 0.25 * plain, (kept, plain)  # measured: 0.7 MiB against 5.0
+
+    def grads(graphdef):
+        def loss(params):
+            out = nnx.merge(graphdef, params, rest)(x, t, rngs=nnx.Rngs(dropout=jax.random.key(3)))
+            return jnp.mean(out**2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    recomputed, stored = grads(train_graphdef), grads(eval_graphdef)
+    # Dropout draws the same masks when a block runs again (a different mask would move gradients by ~1e-2).
+    for a, b in zip(jax.tree.leaves(recomputed), jax.tree.leaves(stored), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
 def _convolutions_in_ynn_fusions(hlo_text: str) -> tuple[int, int]:

@@ -76,10 +76,13 @@ def train_state_layout(
     """
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
     # Module construction is slow in Python: build each abstract model once (they differ only in dtype).
-    eval_graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param, ...)
-    train_graphdef = eval_graphdef
+    abstract_model = nnx.eval_shape(lambda: build_model(config))
+    eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
     if compute_dtype != jnp.float32:
-        train_graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, compute_dtype)), nnx.Param, ...)
+        abstract_model = nnx.eval_shape(lambda: build_model(config, compute_dtype))
+    if config.get("gradient_checkpointing", False):  # the train step's model only: sampling computes no gradients
+        abstract_model.enable_gradient_checkpointing()
+    train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
     loss_scale = make_loss_scale(config.mixed_precision)
 
     def init(params=None, buffers=None):

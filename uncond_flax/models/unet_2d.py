@@ -137,6 +137,7 @@ class FlaxUNet2DModel(nnx.Module):
         self._config = tuple((k, cfg[k]) for k in UNET2D_DEFAULTS)  # hashable: lives in the static graphdef
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.dtype = dtype
+        self.gradient_checkpointing = False
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         channels = cfg["block_out_channels"]
         time_embed_dim = cfg["time_embedding_dim"] or channels[0] * 4
@@ -232,6 +233,16 @@ class FlaxUNet2DModel(nnx.Module):
         self.conv_norm_out = group_norm(channels[0], cfg["norm_num_groups"], cfg["norm_eps"], **kw)
         self.conv_out = conv2d(channels[0], cfg["out_channels"], 3, padding=1, **kw)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """As diffusers' `enable_gradient_checkpointing()`: the backward pass recomputes each down, mid and up
+        block's activations from its input instead of keeping them (less memory, one more forward pass)."""
+        self.gradient_checkpointing = True
+
+    def _block(self, block: nnx.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing:
+            return nnx.remat(lambda block, *args: block(*args))(block, *args)
+        return block(*args)
+
     @property
     def config(self) -> dict[str, Any]:
         """The full diffusers UNet2DModel config (every key, defaults filled), JSON-ready."""
@@ -271,15 +282,15 @@ class FlaxUNet2DModel(nnx.Module):
         x = self.conv_in(x)
         skips = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb, rngs)
+            x, res = self._block(block, x, emb, rngs)
             skips += res
 
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, rngs)
+            x = self._block(self.mid_block, x, emb, rngs)
 
         for block in self.up_blocks:
             n = len(block.resnets)
-            x = block(x, skips[-n:], emb, rngs)
+            x = self._block(block, x, skips[-n:], emb, rngs)
             skips = skips[:-n]
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
