@@ -171,6 +171,10 @@ def compile_step(
     tx = make_optimizer(config, 10_000)
     start = time.perf_counter()
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
+    # Waited for, as the trainer does (it reads state.step): a CPU runs the init program in the background, and the
+    # step's trace and lowering would otherwise share its core (and wait for it to read a constant), counting its
+    # run as compile time.
+    jax.block_until_ready(state)
     _say(f"  state created in {time.perf_counter() - start:.1f} s")
     step_fn = make_train_step(
         graphdef,
