@@ -128,6 +128,15 @@ def test_clip_matches_torch(scale):
         np.testing.assert_allclose(np.asarray(ours[k]), p.grad.numpy(), rtol=1e-6, atol=0)
     # The scales straddle max_norm = 1 (total norm of 30 N(0, s^2) entries is ~5.5 s).
     assert (float(total) > 1.0) == (scale == 3.0)
+    # Given the norm (the train step computes it once for its log too), the clip uses it as torch's total.
+    given, _ = jax.jit(clip.update)(grads, clip.init(grads), global_norm=jnp.asarray(float(total), jnp.float32))
+    for p, k in zip(params, SHAPES):
+        np.testing.assert_allclose(np.asarray(given[k]), p.grad.numpy(), rtol=1e-6, atol=0)
+    halved, _ = clip.update(grads, clip.init(grads), global_norm=jnp.float32(2.0 * max(float(total), 1.0)))
+    for k in SHAPES:  # a norm twice the true one (or than max_norm): half of what torch's clip leaves
+        np.testing.assert_allclose(
+            np.asarray(halved[k]), grads[k] * min(1.0, 1.0 / (2.0 * max(float(total), 1.0) + 1e-6)), rtol=1e-6
+        )
 
 
 def _config(**kw) -> ml_collections.ConfigDict:

@@ -87,22 +87,29 @@ def global_norm_like_torch(tree: Any) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(norms)))
 
 
-def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformation:
-    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (total_norm + 1e-6))``."""
+def clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    `update(..., global_norm=n)` uses `n`, the caller's `global_norm_like_torch(updates)`, instead of computing it
+    again (the train step logs it too: one pass over the gradients instead of two).
+    """
     max_norm = float(max_norm)
 
     def init_fn(params: Any) -> optax.EmptyState:
         del params
         return optax.EmptyState()
 
-    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
-        del params
-        coef = jnp.minimum(1.0, max_norm / (global_norm_like_torch(updates) + _CLIP_EPS))
+    def update_fn(
+        updates: Any, state: optax.EmptyState, params: Any = None, *, global_norm: jax.Array | None = None, **extra
+    ) -> tuple[Any, optax.EmptyState]:
+        del params, extra
+        total_norm = global_norm_like_torch(updates) if global_norm is None else global_norm
+        coef = jnp.minimum(1.0, max_norm / (total_norm + _CLIP_EPS))
         # torch multiplies unconditionally (no branch on coef < 1); a non-finite norm gives coef 0 / nan, as there.
         updates = jax.tree_util.tree_map(lambda g: (_f32(g) * coef).astype(g.dtype), updates)
         return updates, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def make_optimizer(config: Any, num_training_steps: int) -> optax.GradientTransformation:

@@ -110,10 +110,11 @@ def make_train_step(
         loss = loss_sum / accum
         grads = state.loss_scale.unscale(jax.tree.map(lambda g: g / accum, grads))
         finite = jnp.isfinite(loss) & all_finite(grads)
+        grad_norm = global_norm_like_torch(grads)  # logged, and clipped by: computed once, outside the cond
 
         def apply_update(params_and_opt_state):
             params, opt_state = params_and_opt_state
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, global_norm=grad_norm)
             return optax.apply_updates(params, updates), opt_state
 
         # A skipped (non-finite) step keeps both. A `cond`, not a select between the new and old values: to
@@ -139,7 +140,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "lr": lr_fn(state.step - state.skipped_steps),  # the lr this update used (0 if skipped)
-            "grad_norm": global_norm_like_torch(grads),
+            "grad_norm": grad_norm,
             "ema_decay": decay,
             "skipped_steps": new_state.skipped_steps,
             "consecutive_skips": new_state.consecutive_skips,
