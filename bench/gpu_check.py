@@ -201,15 +201,15 @@ def _op_kind(name: str) -> str:
     return re.sub(r"\.\d+$", "", name.split(" = ")[0].strip().lstrip("%"))
 
 
-def _op_events(plane: Any) -> list[tuple[str, int, int]]:
-    """(name, start ns, duration ns) of the XLA ops one trace plane ran: a device's "XLA Ops" line (else its
+def _op_events(plane: Any) -> list[tuple[str, int]]:
+    """(name, duration ns) of the XLA ops one trace plane ran: a device's "XLA Ops" line (else its
     streams' kernels); on the host, the XLA:CPU threads' outermost events that are not the executor's own."""
     lines = list(plane.lines)
     if plane.name.startswith("/device:"):
         chosen = [line for line in lines if line.name == "XLA Ops"] or [
             line for line in lines if line.name.startswith("Stream")
         ]
-        return [(e.name, e.start_ns, e.duration_ns) for line in chosen for e in line.events]
+        return [(e.name, e.duration_ns) for line in chosen for e in line.events]
     events = []
     for line in lines:
         if not line.name.startswith("tf_XLA"):
@@ -219,7 +219,7 @@ def _op_events(plane: Any) -> list[tuple[str, int, int]]:
             if e.name.startswith(_HOST_NOT_OPS) or e.start_ns < end:  # not an op, or nested in one
                 continue
             end = e.start_ns + e.duration_ns
-            events.append((e.name, e.start_ns, e.duration_ns))
+            events.append((e.name, e.duration_ns))
     return events
 
 
@@ -247,7 +247,7 @@ def op_breakdown(run_step: Callable[[], Any], steps: int, step_s: float, top: in
         events = [e for plane in data.planes for e in _op_events(plane)]
     total: dict[str, float] = {}
     count: dict[str, int] = {}
-    for name, _, duration in events:
+    for name, duration in events:
         kind = _op_kind(name)
         total[kind] = total.get(kind, 0.0) + duration / 1e6 / steps
         count[kind] = count.get(kind, 0) + 1
