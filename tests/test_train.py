@@ -196,10 +196,12 @@ def test_accumulation_equals_one_batch_of_16(tmp_path, loop, per_device, accum, 
     # 8 with params sharded fsdp-ways).
     mesh = make_mesh(fsdp=fsdp) if fsdp else make_mesh(devices=jax.devices()[:1])
     config = tiny_config(
-        tmp_path, train_batch_size=per_device, gradient_accumulation_steps=accum, accumulation_loop=loop
+        tmp_path,
+        train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        accumulation_loop=loop,
+        fsdp=fsdp or 1,
     )
-    if fsdp:
-        config.fsdp = fsdp
     with (
         build_train_loader(resolve_config(tiny_config(tmp_path, train_batch_size=2)), make_mesh()) as big,
         build_train_loader(resolve_config(config), mesh) as small,
