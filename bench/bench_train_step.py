@@ -81,7 +81,8 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     from uncond_flax.models.layers import implementations
     from uncond_flax.parallel import make_mesh
 
-    options = dict(variant)
+    # XLA's boolean options must be Python bools: the string "true" is refused.
+    options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
     impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
     config = config.copy_and_resolve_references()
     if "accumulation_loop" in options:

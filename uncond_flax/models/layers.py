@@ -72,25 +72,36 @@ def conv_as_matmul(
     )
 
 
-def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, *args, **kwargs) -> jax.Array:
-    """The convolution op, but on CPU the matmul form (`conv_as_matmul`) where the output is smaller than the kernel.
+# On CPU a convolution producing at most this many output rows (batch x height x width, the global shape as traced)
+# runs as a matmul: see `conv_auto`.
+CONV_MATMUL_MAX_ROWS = 128
 
-    There XLA:CPU swaps the roles of image and kernel in the backward convolutions, and the swapped form runs at
-    ~0.5 GFLOP/s: a 3x3 convolution at 2 px x 512 channels, forward + backward, took 170 ms as the op and 3.6 ms as a
-    matmul (batch 4; a stride-2 one from 4 px: 99 vs 6.7 ms). The default UNet has 2 px blocks. Elsewhere the op
-    was as fast or faster (bench/bench_layers.py). NHWC x HWIO, like `conv_as_matmul`.
+
+def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, *args, **kwargs) -> jax.Array:
+    """The convolution op, but on CPU the matmul form (`conv_as_matmul`) where the output is smaller than the kernel
+    or has at most `CONV_MATMUL_MAX_ROWS` rows.
+
+    Below the kernel, XLA:CPU swaps the roles of image and kernel in the backward convolutions, and the swapped form
+    runs at ~0.5 GFLOP/s: a 3x3 convolution at 2 px x 512 channels, forward + backward, took 170 ms as the op and
+    3.6 ms as a matmul (batch 4; a stride-2 one from 4 px: 99 vs 6.7 ms). The default UNet has 2 px blocks.
+    With few rows, the op's backward pass spends much of its time flipping the kernel and swapping its in and out
+    channels, a copy XLA:CPU makes at ~1-2 GB/s; the matmul form's dots read the kernel as it lies. Forward +
+    backward at 4 px x 512 channels: batch 4 (64 rows) 10.6 ms as the op, 5.9 ms as a matmul; batch 8 (128 rows)
+    18.2 vs 15.0 ms. At 256 rows neither wins everywhere, and above it the op is faster (bench/bench_layers.py,
+    batches 4, 8 and 16). The default UNet's step at batch 4: 4.74 -> 4.34 s. NHWC x HWIO, like
+    `conv_as_matmul`.
     """
     if jax.default_backend() == "cpu" and lhs.ndim == 4 and not isinstance(padding, str):
         kernel = rhs.shape[:2]
         out = [(lhs.shape[1 + i] + sum(padding[i]) - kernel[i]) // window_strides[i] + 1 for i in range(2)]
-        if min(out) < max(kernel):
+        if min(out) < max(kernel) or lhs.shape[0] * out[0] * out[1] <= CONV_MATMUL_MAX_ROWS:
             return conv_as_matmul(lhs, rhs, window_strides, padding, *args, **kwargs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
 
 
 # How Conv layers compute; equal results, other speed. "auto" is `conv_auto`: the convolution op on every backend
 # (GPU/TPU compilers own their convolutions), but the matmul form for CPU convolutions whose output is smaller
-# than their kernel.
+# than their kernel or has few rows.
 CONV_IMPLS: dict[str, Callable[..., jax.Array]] = {
     "auto": conv_auto,
     "conv": lax.conv_general_dilated,
