@@ -152,8 +152,10 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
 
     if jax.default_backend() != "cpu" or step_compiler_options() is None:
         pytest.skip("XLA:CPU's YNNPACK options are not in this jaxlib")
-    # 32 channels: YNNPACK leaves convolutions of <= 16 channels to XLA anyway.
-    config = resolve_config(tiny_config(tmp_path, **{"model.block_out_channels": (32,), "model.norm_num_groups": 8}))
+    # 32 channels: YNNPACK leaves convolutions of <= 16 channels to XLA anyway. Batch 4 at 8 px: 256 output rows, above
+    # layers.CONV_MATMUL_MAX_ROWS, so that the convolutions stay convolutions.
+    overrides = {"model.block_out_channels": (32,), "model.norm_num_groups": 8, "train_batch_size": 4}
+    config = resolve_config(tiny_config(tmp_path, **overrides))
     mesh, tx = make_mesh(devices=jax.devices()[:1]), make_optimizer(config, 10)
     graphdef, _, abstract, shardings, _ = train_state_layout(config, mesh, tx)
     step_fn = make_train_step(
