@@ -19,6 +19,7 @@ from flax import nnx
 
 from uncond_flax import storage
 from uncond_flax.models import FlaxUNet2DModel
+from uncond_flax.rng import rngs_outside_traces
 from uncond_flax.schedulers import DIFFUSERS_VERSION, FlaxDDPMScheduler
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ def from_state_dict(model: FlaxUNet2DModel, state_dict: Mapping[str, Any]) -> nn
 
 def _abstract_model(config: Mapping[str, Any], dtype, param_dtype) -> FlaxUNet2DModel:
     # eval_shape builds the module without materialising random weights we are about to overwrite.
-    return nnx.eval_shape(lambda: FlaxUNet2DModel(**config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: FlaxUNet2DModel(**config, dtype=dtype, param_dtype=param_dtype, rngs=rngs_outside_traces(0))
+    )
 
 
 def unet_from_state_dict(

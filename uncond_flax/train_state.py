@@ -15,7 +15,7 @@ from uncond_flax.export import load_unet
 from uncond_flax.loss_scale import make_loss_scale
 from uncond_flax.models import FlaxUNet2DModel
 from uncond_flax.parallel import state_shardings
-from uncond_flax.rng import purpose_key
+from uncond_flax.rng import rngs_outside_traces
 
 
 @struct.dataclass
@@ -64,7 +64,7 @@ def _unet_kwargs(config: Any) -> dict[str, Any]:
 
 def build_model(config: Any, dtype=jnp.float32) -> FlaxUNet2DModel:
     """The config's UNet with fresh weights from the seed's `init` stream (compute dtype `dtype`)."""
-    return FlaxUNet2DModel(**_unet_kwargs(config), dtype=dtype, rngs=nnx.Rngs(purpose_key(config.seed, "init")))
+    return FlaxUNet2DModel(**_unet_kwargs(config), dtype=dtype, rngs=rngs_outside_traces(config.seed, "init"))
 
 
 def train_state_layout(
