@@ -87,6 +87,44 @@ def test_train_step_applies_dropout(tmp_path):
     assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-4
 
 
+def test_rng_streams_draw_what_nnx_rngs_draws_and_tracing_builds_no_tracer_error_messages(tmp_path, monkeypatch):
+    """`rngs_outside_traces` (the train step's dropout, fresh weights) draws plain nnx.Rngs' keys; tracing the layout
+    and the step with dropout never builds JAX's "not available on a tracer" message, which walks the whole trace
+    (flax asks the stream's count for `.sharding` at every draw)."""
+    from jax._src.interpreters import partial_eval
+
+    from uncond_flax.config import noise_scheduler_for
+    from uncond_flax.rng import rngs_outside_traces
+    from uncond_flax.step import make_train_step
+
+    config = resolve_config(tiny_config(tmp_path, **{"model.dropout": 0.5}))
+    model = build_model(config)
+    x, t = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32), jnp.array([10, 90])
+
+    @jax.jit
+    def masks(key):
+        ours = model(x, t, rngs=rngs_outside_traces(key, stream="dropout"))
+        return ours, model(x, t, rngs=nnx.Rngs(dropout=key))
+
+    ours, theirs = masks(jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+    messages = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(
+        partial_eval.DynamicJaxprTracer, "_origin_msg", lambda self: messages.append(1) or original(self)
+    )
+    tx = make_optimizer(config, 10)
+    graphdef, _, abstract, _, _ = train_state_layout(config, make_mesh(), tx)
+    step = make_train_step(
+        graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config), config=config
+    )
+    jax.make_jaxpr(step)(abstract, jax.ShapeDtypeStruct((1, 2, 8, 8, 1), jnp.uint8))
+    assert messages == []
+    jax.make_jaxpr(lambda k: model(x, t, rngs=nnx.Rngs(dropout=k)))(jax.random.key(0))
+    assert messages  # the probe sees a plain stream's draws
+
+
 def _probe_loss(graphdef, rest, x, t):
     """params -> mean squared output of the UNet `graphdef` on (x, t), dropout drawn from one fixed key."""
 

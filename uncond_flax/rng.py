@@ -26,14 +26,15 @@ def step_keys(seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
     return k_noise, k_time, k_drop
 
 
-class _KeysOutsideTraces(nnx.RngStream):
-    """An RngStream whose keys and count are computed as Python runs, never staged into a trace.
+class _CountOutsideTraces(nnx.RngStream):
+    """An RngStream whose draw count is computed as Python runs, never staged into a trace (nor are its keys, when
+    its key is not traced).
 
-    Built inside a trace (`eval_shape`, the jitted init), a plain stream's count becomes a tracer, and every draw
-    after the first asks it for `.sharding` (flax's Variable update): on a tracer, JAX answers with an error whose
-    message walks the whole program traced so far. Over the default UNet's ~900 draws that took 8 of the 10 CPU-s
-    of `train_state_layout` and ~14 s of `create_train_state`, at every start. The keys are the same; the weights
-    drawn with them are still traced.
+    Created inside a trace (`eval_shape`, the jitted init, the train step), a plain stream's count becomes a tracer,
+    and every draw after the first asks it for `.sharding` (flax's Variable update): on a tracer, JAX answers with an
+    error whose message walks the whole program traced so far. The default UNet's ~900 weight draws took 8 of the 10
+    CPU-s of `train_state_layout` that way, and ~14 s of `create_train_state`, at every start; with dropout 0.1, its
+    30 dropout draws added 0.9 s to tracing the train step. The keys drawn are the same.
     """
 
     def __call__(self) -> jax.Array:
@@ -41,11 +42,15 @@ class _KeysOutsideTraces(nnx.RngStream):
             return super().__call__()
 
 
-def rngs_outside_traces(seed: int, purpose: str | None = None) -> nnx.Rngs:
-    """`nnx.Rngs(purpose_key(seed, purpose))` (`nnx.Rngs(seed)` without a purpose), drawing the same keys, but
-    staging none of them into a trace (`_KeysOutsideTraces`)."""
+def rngs_outside_traces(seed: int | jax.Array, purpose: str | None = None, *, stream: str = "default") -> nnx.Rngs:
+    """`nnx.Rngs(**{stream: key})` drawing the same keys, with its count kept out of traces (`_CountOutsideTraces`).
+
+    `seed`: a key, or an int: `purpose_key(seed, purpose)`, or `jax.random.key(seed)` without a purpose, computed
+    outside any trace too.
+    """
     with jax.ensure_compile_time_eval():
-        key = jax.random.key(seed) if purpose is None else purpose_key(seed, purpose)
+        if isinstance(seed, int):
+            seed = jax.random.key(seed) if purpose is None else purpose_key(seed, purpose)
         rngs = nnx.Rngs()
-        rngs.default = _KeysOutsideTraces(key, tag="default")
+        setattr(rngs, stream, _CountOutsideTraces(seed, tag=stream))
     return rngs

@@ -16,7 +16,7 @@ from uncond_flax.errors import check_choice
 from uncond_flax.finite import all_finite
 from uncond_flax.optim import global_norm_like_torch
 from uncond_flax.parallel import batch_sharding, replicated
-from uncond_flax.rng import step_keys
+from uncond_flax.rng import rngs_outside_traces, step_keys
 from uncond_flax.schedulers.common import PREDICTION_TYPES
 from uncond_flax.train_state import TrainState
 
@@ -77,7 +77,7 @@ def make_train_step(
     def micro_loss(params, buffers, x0, noise, t_B, dropout_key, loss_scale):
         model = nnx.merge(graphdef, params, buffers)
         noisy = noise_scheduler.add_noise(x0, noise, t_B)
-        rngs = nnx.Rngs(dropout=dropout_key) if use_dropout else None
+        rngs = rngs_outside_traces(dropout_key, stream="dropout") if use_dropout else None
         loss = diffusion_loss(model(noisy, t_B, rngs=rngs), x0, noise, t_B, noise_scheduler, prediction_type)
         return loss_scale.scale_loss(loss), loss
 
