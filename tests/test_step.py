@@ -88,17 +88,35 @@ def test_train_step_applies_dropout(tmp_path):
 
 
 def test_rng_streams_draw_what_nnx_rngs_draws_and_tracing_builds_no_tracer_error_messages(tmp_path, monkeypatch):
-    """`rngs_outside_traces` (the train step's dropout, fresh weights) draws plain nnx.Rngs' keys; tracing the layout
-    and the step with dropout never builds JAX's "not available on a tracer" message, which walks the whole trace
-    (flax asks the stream's count for `.sharding` at every draw)."""
+    """`rngs_outside_traces` (fresh weights, the train step's dropout) draws plain nnx.Rngs' keys, but traced
+    (eval_shape, the jitted init, the step) it stages no key arithmetic and never builds JAX's "not available on a
+    tracer" message, which walks the whole trace (flax asks a stream's count for `.sharding` at every draw)."""
     from jax._src.interpreters import partial_eval
 
     from uncond_flax.config import noise_scheduler_for
-    from uncond_flax.rng import rngs_outside_traces
+    from uncond_flax.models import FlaxUNet2DModel
+    from uncond_flax.rng import purpose_key, rngs_outside_traces
     from uncond_flax.step import make_train_step
+    from uncond_flax.train_state import _unet_kwargs
 
     config = resolve_config(tiny_config(tmp_path, **{"model.dropout": 0.5}))
     model = build_model(config)
+
+    def plain():
+        return FlaxUNet2DModel(**_unet_kwargs(config), rngs=nnx.Rngs(purpose_key(config.seed, "init")))
+
+    ours, theirs = nnx.state(model, nnx.Param), nnx.state(plain(), nnx.Param)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def fold_ins(build):
+        eqns = jax.make_jaxpr(lambda: nnx.state(build(), nnx.Param))().jaxpr.eqns
+        return sum(eqn.primitive.name == "random_fold_in" for eqn in eqns)
+
+    assert fold_ins(lambda: build_model(config)) == 0
+    assert fold_ins(plain) >= 10  # the check sees staged draws
+
     x, t = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32), jnp.array([10, 90])
 
     @jax.jit

@@ -379,33 +379,6 @@ def test_command_line_errors_are_one_line(args, message):
     assert last.startswith("train_flax.py: error:") and message in last, result.stderr
 
 
-def test_fresh_weights_are_plain_nnx_rngs_draws_with_no_key_arithmetic_in_the_trace(tmp_path):
-    """build_model draws what nnx.Rngs(purpose_key(seed, "init")) draws, but traced (eval_shape, the jitted init) it
-    stages no key arithmetic: each staged fold_in made every later draw walk the whole trace."""
-    from flax import nnx
-
-    from uncond_flax.models import FlaxUNet2DModel
-    from uncond_flax.rng import purpose_key
-    from uncond_flax.train_state import _unet_kwargs, build_model
-
-    config = resolve_config(tiny_config(tmp_path))
-
-    def plain():
-        return FlaxUNet2DModel(**_unet_kwargs(config), rngs=nnx.Rngs(purpose_key(config.seed, "init")))
-
-    ours, theirs = nnx.state(build_model(config), nnx.Param), nnx.state(plain(), nnx.Param)
-    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-    def fold_ins(build):
-        eqns = jax.make_jaxpr(lambda: nnx.state(build(), nnx.Param))().jaxpr.eqns
-        return sum(eqn.primitive.name == "random_fold_in" for eqn in eqns)
-
-    assert fold_ins(lambda: build_model(config)) == 0
-    assert fold_ins(plain) >= 10  # the check sees staged draws
-
-
 def test_init_from_and_model_config_name_or_path_use_a_diffusers_unet(tmp_path):
     from diffusers import UNet2DModel
     from flax import nnx

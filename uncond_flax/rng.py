@@ -49,8 +49,9 @@ def rngs_outside_traces(seed: int | jax.Array, purpose: str | None = None, *, st
     outside any trace too.
     """
     with jax.ensure_compile_time_eval():
+        key = seed
         if isinstance(seed, int):
-            seed = jax.random.key(seed) if purpose is None else purpose_key(seed, purpose)
+            key = jax.random.key(seed) if purpose is None else purpose_key(seed, purpose)
         rngs = nnx.Rngs()
-        setattr(rngs, stream, _CountOutsideTraces(seed, tag=stream))
+        setattr(rngs, stream, _CountOutsideTraces(key, tag=stream))
     return rngs
