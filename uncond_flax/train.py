@@ -126,7 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
             config=config,
         )
         train_step, images_sharding = jit_train_step(step_fn, shardings, mesh)
-        step = int(state.step)
+        # A fresh state is at step 0: reading it would wait for the init program, which a CPU instead runs
+        # while this thread traces the train step.
+        step = int(state.step) if run.resuming else 0
         if main:
             logger.info(
                 "%d examples, %d steps/epoch, %d epochs, %d optimizer steps, global batch %d x %d accum, %d devices",
