@@ -77,7 +77,7 @@ def train_state_layout(
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
     # Module construction is slow in Python: build each abstract model once (they differ only in dtype).
     abstract_model = nnx.eval_shape(lambda: build_model(config))
-    eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+    eval_graphdef, abstract_params, abstract_buffers = nnx.split(abstract_model, nnx.Param, ...)
     if compute_dtype != jnp.float32:
         abstract_model = nnx.eval_shape(lambda: build_model(config, compute_dtype))
     if config.get("gradient_checkpointing", False):  # the train step's model only: sampling computes no gradients
@@ -90,7 +90,8 @@ def train_state_layout(
             _, params, buffers = nnx.split(build_model(config), nnx.Param, ...)
         return TrainState.create(params, buffers, tx, use_ema=config.use_ema, loss_scale=loss_scale)
 
-    abstract = jax.eval_shape(init)
+    # The same shapes as init()'s, without building the model again.
+    abstract = jax.eval_shape(init, abstract_params, abstract_buffers)
     return train_graphdef, eval_graphdef, abstract, state_shardings(abstract, mesh), init
 
 
