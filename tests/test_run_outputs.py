@@ -34,7 +34,12 @@ def test_a_preemption_on_an_epochs_last_step_still_does_its_end_work_after_resum
         "--config.save_images_epochs=1",
     )
     straight = tmp_path / "straight"
-    run_child(train_cmd(straight, *args), check=True)
+    # The runtime needs no torch: a whole run (steps, checkpoints, previews, export) imports neither torch nor
+    # diffusers, both installed here (tensorboardX imports torch wherever it can).
+    done = run_child(train_cmd(straight, *args), env={**CHILD_ENV, "PYTHONPROFILEIMPORTTIME": "1"}, check=True)
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    # A refused `import torch` is listed too, alone: torch's own modules (torch._C, ...) come only with the real one.
+    assert "tensorboardX" in imported and not [m for m in imported if m.startswith(("torch.", "diffusers"))]
 
     run = tmp_path / "interrupted"
     stopped = run_child(

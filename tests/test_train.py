@@ -160,6 +160,44 @@ def assert_same_training(expected, other):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=3e-5)
 
 
+def _tensorboard_events(folder):
+    """The Event protos of the one tensorboard event file in `folder` (TFRecord: length, crc, data, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    (name,) = [f for f in os.listdir(folder) if f.startswith("events.out.tfevents")]
+    with open(os.path.join(folder, name), "rb") as f:
+        data = f.read()
+    events, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 8], "little")
+        events.append(Event.FromString(data[pos + 12 : pos + 12 + length]))
+        pos += 12 + length + 4
+    return events
+
+
+def test_tensorboard_gets_scalars_and_images_without_importing_torch(tmp_path):
+    # tensorboardX imports torch whenever it is installed (here it is); the trainer's writer keeps it out.
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from uncond_flax.metrics import MetricWriter\n"
+        "writer = MetricWriter('tensorboard', sys.argv[1], {})\n"
+        "writer.scalars(3, {'loss': 0.25})\n"
+        "writer.images(3, 'samples', np.full((2, 8, 6, 3), 0.5, np.float32))\n"
+        "writer.close()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.split() == ["False"]
+    values = [(e.step, v) for e in _tensorboard_events(tmp_path) for v in e.summary.value]
+    assert [(step, v.tag, v.simple_value) for step, v in values if v.tag == "loss"] == [(3, "loss", 0.25)]
+    images = [(step, v.image) for step, v in values if v.tag == "samples"]
+    assert [(step, image.height, image.width) for step, image in images] == [(3, 8, 12)]  # a grid of the two
+
+
 def test_step_clips_gradients_to_the_norm_it_logs(tmp_path):
     # After one step Adam's first moment is (1 - beta1) x the clipped gradients, whose norm torch's clip_grad_norm_
     # makes min(total norm, 1.0): the logged grad_norm must be the norm the clip used.
