@@ -11,7 +11,9 @@ pickle as memory-mapped arrow files). This module must not import JAX.
 from __future__ import annotations
 
 import abc
+import gzip
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -265,15 +267,39 @@ class TFDSImageSource(ImageSource):
 # sklearn digits: the offline, embedded default
 
 
+def _sklearn_digits_csv() -> str | None:
+    """The file scikit-learn's `load_digits` reads (not importing sklearn), or None where sklearn is missing."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+
+
+def _sklearn_digits() -> np.ndarray:
+    """`sklearn.datasets.load_digits().images`: (1797, 8, 8) float64 in [0, 16].
+
+    Read from its gzipped CSV directly (1,797 rows of 64 pixels and the label), as `load_digits` does: importing
+    `sklearn.datasets` costs ~1.8 s of CPU, more than the rest of the demo's data setup. Where a scikit-learn
+    keeps that file elsewhere, or in another shape, `load_digits` reads it.
+    """
+    path = _sklearn_digits_csv()
+    if path is not None and os.path.isfile(path):
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+        if table.shape == (1797, 65):
+            return table[:, :-1].reshape(-1, 8, 8)
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
 class DigitsSource(ImageSource):
     """The 1,797 real 8×8 handwritten digits shipped inside scikit-learn, as uint8 grayscale (0..16 → 0..255)."""
 
     name = DIGITS
 
     def __init__(self):
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images  # float64 in [0, 16]
+        images = _sklearn_digits()  # float64 in [0, 16]
         self._images = np.rint(images * (255.0 / 16.0)).astype(np.uint8)
         self._fingerprint = "sklearn-digits:" + hashlib.sha256(self._images.tobytes()).hexdigest()[:16]
 
