@@ -91,24 +91,25 @@ def make_train_step(
         t_AB = jax.random.randint(k_time, x0_ABHWC.shape[:2], 0, num_train_timesteps)
         accum = x0_ABHWC.shape[0]
 
-        def accumulate(carry, micro_batch):
-            grads, loss_sum = carry
+        def micro_step(micro_batch):
             x0, noise, t_B, i = micro_batch
-            micro_grads, micro = grad_fn(
-                state.params, state.buffers, x0, noise, t_B, jax.random.fold_in(k_drop, i), state.loss_scale
-            )
-            return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro), None
+            return grad_fn(state.params, state.buffers, x0, noise, t_B, jax.random.fold_in(k_drop, i), state.loss_scale)
 
-        carry = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
+        def add(carry, micro):
+            return jax.tree.map(jnp.add, carry[0], micro[0]), carry[1] + micro[1]
+
         micro_batches = (x0_ABHWC, noise_ABHWC, t_AB, jnp.arange(accum, dtype=jnp.uint32))
         if accumulation_loop == "scan" and accum > 1:  # one micro-batch's program, compiled once
-            carry, _ = jax.lax.scan(accumulate, carry, micro_batches)
-        else:  # unrolled at trace time: A copies of the program
-            for i in range(accum):
-                carry, _ = accumulate(carry, jax.tree.map(lambda v, i=i: v[i], micro_batches))
-        grads, loss_sum = carry
+            zeros = jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32)
+            (grads, loss_sum), _ = jax.lax.scan(lambda c, m: (add(c, micro_step(m)), None), zeros, micro_batches)
+        else:  # unrolled at trace time: A copies of the program, summed from the first (no zeros traced: 0 + x == x)
+            grads, loss_sum = micro_step(jax.tree.map(lambda v: v[0], micro_batches))
+            for i in range(1, accum):
+                grads, loss_sum = add((grads, loss_sum), micro_step(jax.tree.map(lambda v, i=i: v[i], micro_batches)))
         loss = loss_sum / accum
-        grads = state.loss_scale.unscale(jax.tree.map(lambda g: g / accum, grads))
+        if accum > 1:  # x / 1 is x: nothing to trace for the usual single micro-batch
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        grads = state.loss_scale.unscale(grads)
         finite = jnp.isfinite(loss) & all_finite(grads)
         grad_norm = global_norm_like_torch(grads)  # logged, and clipped by: computed once, outside the cond
 
