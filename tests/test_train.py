@@ -339,6 +339,19 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_finite_loss_with_overflowing_gradients_is_skipped(tmp_path):
+    # GradScaler's case: the loss is finite, its fp16 backward pass overflows. With a loss scale of 2**100 every
+    # 16-bit gradient is inf (the loss, scaled in float32, is not); the step must see it and back off.
+    config = tiny_config(tmp_path, mixed_precision="fp16", train_batch_size=2)
+    good = run_steps(config, make_mesh(), 1)
+    huge = good.replace(loss_scale=good.loss_scale.replace(scale=jnp.asarray(2.0**100, jnp.float32)))
+    after, metrics = run_steps(config, make_mesh(), 1, state=huge, with_metrics=True)
+    assert np.isfinite(float(metrics[0]["loss"])) and not np.isfinite(float(metrics[0]["grad_norm"]))
+    assert int(after.skipped_steps) == int(good.skipped_steps) + 1 and float(after.loss_scale.scale) == 2.0**99
+    for a, b in zip(jax.tree.leaves((huge.params, huge.opt_state)), jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_consecutive_non_finite_steps_stop_the_run():
     from uncond_flax.metrics import NonFiniteStop, StepLogger
 

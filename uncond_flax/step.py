@@ -13,7 +13,6 @@ from flax import nnx
 from uncond_flax.config import ACCUMULATION_LOOPS
 from uncond_flax.ema import EmaSchedule
 from uncond_flax.errors import check_choice
-from uncond_flax.finite import all_finite
 from uncond_flax.optim import global_norm_like_torch
 from uncond_flax.parallel import batch_sharding, replicated
 from uncond_flax.rng import rngs_outside_traces, step_keys
@@ -110,8 +109,13 @@ def make_train_step(
         if accum > 1:  # x / 1 is x: nothing to trace for the usual single micro-batch
             grads = jax.tree.map(lambda g: g / accum, grads)
         grads = state.loss_scale.unscale(grads)
-        finite = jnp.isfinite(loss) & all_finite(grads)
         grad_norm = global_norm_like_torch(grads)  # logged, and clipped by: computed once, outside the cond
+        # A NaN or inf gradient makes the norm NaN or inf: the norm is the check, and the step makes no second pass
+        # over the gradients (the default UNet's program: 3,723 instead of 4,919 top-level operations, compiled in
+        # 30 instead of 35 CPU-s, loaded from the cache in 3.7 instead of 4.4). The one difference from checking
+        # every gradient: finite gradients whose squares overflow float32 (a norm above ~1.8e19) skip the step too,
+        # where torch's clip_grad_norm_ would scale them by 0 and step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(params_and_opt_state):
             params, opt_state = params_and_opt_state
