@@ -112,7 +112,7 @@ def make_train_step(
         grad_norm = global_norm_like_torch(grads)  # logged, and clipped by: computed once, outside the cond
         # A NaN or inf gradient makes the norm NaN or inf: the norm is the check, and the step makes no second pass
         # over the gradients (the default UNet's program: 3,723 instead of 4,919 top-level operations, compiled in
-        # 30 instead of 35 CPU-s, loaded from the cache in 3.7 instead of 4.4). The one difference from checking
+        # ~38 instead of ~41 CPU-s, loaded from the cache in ~3.9 instead of ~5). The one difference from checking
         # every gradient: finite gradients whose squares overflow float32 (a norm above ~1.8e19) skip the step too,
         # where torch's clip_grad_norm_ would scale them by 0 and step.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
