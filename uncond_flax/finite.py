@@ -14,8 +14,8 @@ def all_finite(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.array(True)
     # A count over one array, not an `and` of per-leaf scalars: XLA turns that `and` into a chain of scalar ops and
-    # copies it into every consumer's fusion (each parameter's update in the train step: leaves^2 instructions,
-    # slow to compile and to load from the compilation cache).
+    # copies it into every consumer's fusion (when this fed each parameter's update in the train step: leaves^2
+    # instructions, slow to compile and to load from the compilation cache).
     finite_L = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).astype(jnp.int32)
     return jnp.sum(finite_L) == len(leaves)
 

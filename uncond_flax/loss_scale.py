@@ -4,7 +4,8 @@ A train step that reproduces GradScaler::
 
     grads = jax.grad(lambda p: loss_scale.scale_loss(loss_fn(p)))(params)
     grads = loss_scale.unscale(grads)
-    finite = all_finite(grads)    # uncond_flax.step: isfinite(global_norm_like_torch(grads)), in every precision
+    # GradScaler checks every element; the norm is non-finite exactly then, short of its float32 overflow (~1.8e19)
+    finite = jnp.isfinite(global_norm_like_torch(grads))  # as uncond_flax.step does, in every precision
     updates, new_opt_state = tx.update(grads, opt_state, params)
     # GradScaler skips optimizer.step() on overflow, and accelerate then skips lr_scheduler.step() too:
     # keeping the old opt_state keeps both optax counts (Adam's and the schedule's) where they were.
