@@ -115,3 +115,295 @@ def test_train_step_program_grows_linearly_with_the_parameter_leaves():
     leaves = len(jax.tree_util.tree_leaves(abstract.params))
     # 74 leaves: about 300 `and`s with one flag, about 17,000 with a copy of the chain in every update.
     assert text.count(" and(") < 10 * leaves, text.count(" and(")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole compiled programs kept by `compile_or_load`: a later start loads them without tracing.
+
+
+def _toy(traces):
+    """A donated, sharded toy step on one device; `traces` counts how often Python runs its body (each trace)."""
+    import jax
+
+    mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(state, x):
+        traces.append(1)
+        return {"w": state["w"] * 0.5 + x.sum()}, (x * state["w"][0]).sum()
+
+    jitted = jax.jit(step, in_shardings=(sharding, sharding), out_shardings=(sharding, sharding), donate_argnums=0)
+    return jitted, sharding
+
+
+def _toy_args():
+    import jax.numpy as jnp
+
+    return {"w": jnp.arange(1.0, 5.0)}, jnp.linspace(0.0, 1.0, 3)
+
+
+def _kept(folder):
+    return sorted(p.name for p in folder.glob("*.bin")) if folder.exists() else []
+
+
+@pytest.fixture
+def kept_dir(tmp_path, monkeypatch):
+    """compile_or_load's folder, under tmp_path for this test."""
+    from uncond_flax import compile_cache
+
+    folder = tmp_path / "kept"
+    monkeypatch.setattr(compile_cache, "executables_dir", lambda: str(folder))
+    return folder
+
+
+def test_a_kept_program_is_loaded_untraced_and_computes_and_donates_as_compiled(kept_dir):
+    import numpy as np
+
+    from uncond_flax.compile_cache import compile_or_load
+
+    traces = []
+    jitted, sharding = _toy(traces)
+    state, x = _toy_args()
+    compiled, facts, loaded = compile_or_load(
+        jitted, (state, x), name="toy", shardings=(sharding, sharding), inputs={"v": 1}, info=lambda t: {"eqns": 7}
+    )
+    assert (len(traces), loaded, facts) == (1, None, {"eqns": 7})
+    assert len(_kept(kept_dir)) == 1
+    expected = compiled(state, x)
+
+    jitted, _ = _toy(traces)  # a new jit, as a new process has: only the kept file can spare its trace
+    state, x = _toy_args()
+    again, facts, loaded = compile_or_load(
+        jitted, (state, x), name="toy", shardings=(sharding, sharding), inputs={"v": 1}, info=lambda t: {"eqns": 0}
+    )
+    assert len(traces) == 1, "the kept program was traced again"
+    assert loaded == str(kept_dir / _kept(kept_dir)[0]) and facts == {"eqns": 7}  # the facts of its trace
+    got = again(state, x)
+    assert state["w"].is_deleted()  # donated, as the jit says
+    for a, b in zip(jax_leaves(expected), jax_leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_the_key_holds_what_the_trace_reads(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from uncond_flax.compile_cache import program_key
+
+    _, sharding = _toy([])
+    other_device = jax.sharding.NamedSharding(
+        jax.make_mesh((1,), ("d",), devices=jax.devices()[1:2]), jax.sharding.PartitionSpec()
+    )
+    state, x = _toy_args()
+    base = program_key("toy", (state, x), (sharding, sharding), {"v": 1})
+    assert program_key("toy", (state, x), (sharding, sharding), {"v": 1}) == base
+    assert program_key("toy", (state, jnp.zeros(3)), (sharding, sharding), {"v": 1}) == base  # values are not read
+    changed = {
+        "name": program_key("other", (state, x), (sharding, sharding), {"v": 1}),
+        "inputs": program_key("toy", (state, x), (sharding, sharding), {"v": 2}),
+        "shape": program_key("toy", (state, jnp.zeros(4)), (sharding, sharding), {"v": 1}),
+        "dtype": program_key("toy", (state, jnp.zeros(3, jnp.int32)), (sharding, sharding), {"v": 1}),
+        "tree": program_key("toy", ({"v": state["w"]}, x), (sharding, sharding), {"v": 1}),
+        "devices": program_key("toy", (state, x), (other_device, sharding), {"v": 1}),
+    }
+    with jax.default_matmul_precision("highest"):
+        changed["jax setting"] = program_key("toy", (state, x), (sharding, sharding), {"v": 1})
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2")
+    changed["XLA_FLAGS"] = program_key("toy", (state, x), (sharding, sharding), {"v": 1})
+    assert [what for what, key in changed.items() if key == base] == []
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_the_key_follows_this_packages_source(tmp_path):
+    import shutil
+
+    import uncond_flax
+    from uncond_flax.compile_cache import source_digest
+
+    package = os.path.dirname(uncond_flax.__file__)
+    copy = tmp_path / "uncond_flax"
+    shutil.copytree(package, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    original = source_digest(package)
+    assert source_digest(str(copy)) == original
+    step_py = copy / "step.py"
+    text = step_py.read_text()
+    step_py.write_text(text.replace("loss_sum / accum", "loss_sum / accum / 2"))  # a deliberately broken step
+    assert source_digest(str(copy)) != original
+    step_py.write_text(text)
+    assert source_digest(str(copy)) == original
+    (copy / "models" / "extra.py").write_text("")
+    assert source_digest(str(copy)) != original
+
+
+def test_a_damaged_kept_file_warns_and_the_program_is_compiled_and_kept_again(kept_dir, caplog):
+    from uncond_flax.compile_cache import compile_or_load
+
+    traces = []
+    jitted, sharding = _toy(traces)
+    kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={"v": 1})
+    expected = float(compile_or_load(jitted, _toy_args(), **kwargs)[0](*_toy_args())[1])
+    (name,) = _kept(kept_dir)
+    data = (kept_dir / name).read_bytes()
+    (kept_dir / name).write_bytes(data[: len(data) // 2])  # a copy cut short (a full disk, another tool)
+
+    with caplog.at_level("WARNING", logger="uncond_flax"):
+        compiled, _, loaded = compile_or_load(_toy(traces)[0], _toy_args(), **kwargs)
+    assert loaded is None and len(traces) == 2
+    assert f"toy: cannot load {kept_dir / name} (" in caplog.text and "); compiling it" in caplog.text
+    assert float(compiled(*_toy_args())[1]) == expected
+    assert (kept_dir / name).read_bytes() != data[: len(data) // 2]  # written again, whole
+    assert compile_or_load(_toy(traces)[0], _toy_args(), **kwargs)[2] is not None and len(traces) == 2
+
+
+def test_an_unwritable_folder_warns_and_the_compiled_program_runs(tmp_path, monkeypatch, caplog):
+    from uncond_flax import compile_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(compile_cache, "executables_dir", lambda: str(blocker / "kept"))
+    traces = []
+    jitted, sharding = _toy(traces)
+    with caplog.at_level("WARNING", logger="uncond_flax"):
+        compiled, _, loaded = compile_cache.compile_or_load(
+            jitted, _toy_args(), name="toy", shardings=(sharding, sharding), inputs={}
+        )
+    assert loaded is None and f"toy: not kept for the next start: cannot write {blocker}/kept/toy-" in caplog.text
+    assert float(compiled(*_toy_args())[1]) == float(jitted(*_toy_args())[1])
+
+
+def test_only_the_programs_used_last_are_kept(kept_dir, monkeypatch):
+    import time
+
+    from uncond_flax import compile_cache
+
+    monkeypatch.setattr(compile_cache, "KEEP_PER_PROGRAM", 2)
+    jitted, sharding = _toy([])
+
+    def use(v, name="toy"):
+        before = set(_kept(kept_dir))
+        compile_cache.compile_or_load(jitted, _toy_args(), name=name, shardings=(sharding, sharding), inputs={"v": v})
+        time.sleep(0.05)  # distinct modification times
+        return (set(_kept(kept_dir)) - before).pop() if set(_kept(kept_dir)) - before else None
+
+    v0, v1 = use(0), use(1)
+    assert use(0) is None  # loaded: now the one used last
+    other = use(0, name="other")
+    v2 = use(2)
+    assert set(_kept(kept_dir)) == {v0, v2, other}  # v1 went; another program's file does not count
+
+
+def test_a_program_on_devices_in_another_order_is_loaded_onto_them_in_that_order(kept_dir):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from uncond_flax.compile_cache import compile_or_load
+
+    order = [3, 1, 2, 0, 7, 5, 6, 4]
+    devices = np.array([jax.devices()[i] for i in order])
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("d",)), jax.sharding.PartitionSpec("d"))
+
+    def program():
+        return jax.jit(lambda x: x * jnp.arange(8.0)[:, None], in_shardings=sharding, out_shardings=sharding)
+
+    x = jax.device_put(jnp.ones((8, 2)), sharding)
+    expected = compile_or_load(program(), (x,), name="rows", shardings=(sharding,), inputs={})[0](x)
+    compiled, _, loaded = compile_or_load(program(), (x,), name="rows", shardings=(sharding,), inputs={})
+    assert loaded is not None
+    got = compiled(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert [s.device.id for s in got.addressable_shards] == [s.device.id for s in expected.addressable_shards]
+    assert [s.data[0, 0].item() for s in got.addressable_shards] == list(range(8))
+
+
+def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same_numbers(
+    tmp_path, kept_dir, caplog
+):
+    import jax
+    import numpy as np
+
+    from test_train import tiny_config
+    from uncond_flax.train import train_and_evaluate
+
+    common = dict(max_train_steps=4, checkpointing_steps=2, use_ema=True, save_images_epochs=1000)
+    # A seed of its own: a program JAX's cache (shared by the suite) has never seen, so the first run compiles it.
+    common.update(save_model_epochs=1000, seed=int.from_bytes(os.urandom(3), "little"))
+    loaded_line = "train_step loaded from " + str(kept_dir)
+
+    flops = []
+
+    def run(folder, **overrides):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="uncond_flax"):
+            state = train_and_evaluate(tiny_config(tmp_path / folder, **{**common, **overrides}))
+        flops.append(caplog.text.split("FLOPs per step per device")[0].rsplit(" ", 2)[-2])
+        return jax.tree.map(np.asarray, state), loaded_line in caplog.text
+
+    first, loaded = run("a")
+    assert not loaded and len(_kept(kept_dir)) == 1
+    second, loaded = run("b")  # the same command again, into another folder
+    assert loaded, caplog.text
+    assert flops[1] == flops[0] and float(flops[0]) > 0  # kept with the program: the log and the MFU have them
+    resumed, loaded = run("a", resume_from_checkpoint="2")  # steps 3 and 4 again, from the checkpoint at 2
+    assert loaded, caplog.text
+    for other in (second, resumed):
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    _, loaded = run("c", learning_rate=2e-3)  # another program: compiled, and kept beside the first
+    assert not loaded and len(_kept(kept_dir)) == 2
+
+
+def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog):
+    """XLA:CPU saves a program it loaded without some of its functions; such a copy fails when it runs."""
+    import shutil
+
+    import jax
+
+    from uncond_flax.compile_cache import compile_or_load
+
+    jitted, sharding = _toy([])
+    kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={})
+    saved = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # JAX's cache takes the toy
+    try:
+        compile_or_load(jitted, _toy_args(), **kwargs)  # in JAX's cache now, if it was not before
+        shutil.rmtree(kept_dir, ignore_errors=True)
+        with caplog.at_level("INFO", logger="uncond_flax"):
+            compiled, _, loaded = compile_or_load(_toy([])[0], _toy_args(), **kwargs)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
+    assert "toy: not kept (it came from JAX's cache" in caplog.text
+    assert loaded is None and _kept(kept_dir) == []
+    assert float(compiled(*_toy_args())[1]) == float(jitted(*_toy_args())[1])
+
+
+def test_the_steps_key_holds_every_field_but_the_loops_own_and_no_credentials(tmp_path):
+    from fixtures import tiny_digits
+
+    from uncond_flax.config import resolve_config
+    from uncond_flax.step import NOT_READ_BY_THE_STEP, step_program_inputs
+
+    base = resolve_config(tiny_digits.get_config())
+    inputs = step_program_inputs(base, 10)
+    assert step_program_inputs(base, 11) != inputs  # the learning-rate schedule's length
+    same = resolve_config(tiny_digits.get_config())
+    same.update(output_dir=str(tmp_path), resume_from_checkpoint="latest", save_images_epochs=3, log_every=1)
+    same.update(hub_token="hf_secret_value", push_to_hub=True, hub_model_id="me/model", checkpointing_steps=7)
+    assert step_program_inputs(same, 10) == inputs
+    assert "hf_secret_value" not in repr(step_program_inputs(same, 10))
+    for field, value in [("learning_rate", 5e-4), ("seed", 1), ("mixed_precision", "bf16"), ("use_ema", True)]:
+        other = resolve_config(tiny_digits.get_config())
+        other[field] = value
+        assert step_program_inputs(other, 10) != inputs, field
+    other = resolve_config(tiny_digits.get_config())
+    other.model.norm_eps = 1e-6  # a model field that changes no shape
+    assert step_program_inputs(other, 10) != inputs
+    assert set(NOT_READ_BY_THE_STEP) <= set(base.keys())  # no stale names

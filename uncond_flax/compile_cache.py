@@ -7,17 +7,31 @@ sampler from disk instead of compiling them. The default location is the user's 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
+import pickle
+import platform
+import sys
+import threading
+from typing import Any, Callable
 
 import jax
 from jax import monitoring
+
+from uncond_flax.errors import one_line
 
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 _HIT_EVENT = "/jax/compilation_cache/compile_time_saved_sec"
+_HITS_EVENT = "/jax/compilation_cache/cache_hits"
 _listening = False
+_hits = threading.local()  # JAX's cache hits seen by each thread
 
 
 def default_cache_dir() -> str:
@@ -61,3 +75,197 @@ def enable_compile_cache(value: str | None = AUTO) -> str | None:
         _listening = True
     logger.info("persistent compilation cache: %s", path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole compiled programs. JAX's cache above is keyed by the lowered program, so a second start still traces and
+# lowers the train step before the cache can answer: for the default UNet ~5 of the ~9 s it takes. A program
+# kept here is keyed by everything the trace reads instead (this package's source, the library versions, the
+# host's CPU, JAX's and XLA's settings, the devices, and what the caller says the program depends on), and is
+# loaded without tracing. Like JAX's own cache it is trusted: loading an executable runs what it holds.
+
+EXECUTABLES_SUBDIR = "uncond_flax_executables"
+KEEP_PER_PROGRAM = 8  # the programs used last are kept, per name; older ones are deleted
+_FORMAT = 1
+_VERSIONED = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "numpy",
+    "ml_dtypes",
+    "libtpu",
+    "jax-cuda12-plugin",
+    "jax-cuda12-pjrt",
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+)
+_ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU", "TPU_", "NVIDIA_TF32")
+
+
+def executables_dir() -> str | None:
+    """Where compiled programs are kept: `uncond_flax_executables/` in JAX's cache directory when it is a local
+    folder and this is the only process (each of several processes would have to load the same program); else
+    None."""
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or "://" in cache or jax.process_count() > 1:
+        return None
+    return os.path.join(cache, EXECUTABLES_SUBDIR)
+
+
+def _host_cpu() -> str:
+    # XLA:CPU compiles for the CPU it runs on: a cache folder shared between machines must not cross CPUs.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def source_digest(package: str) -> str:
+    """sha256 of the `.py` files under `package` (their paths and contents): an edited file is another program."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(package):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def _installation() -> dict[str, Any]:
+    """What a process cannot change: this package's source, the library versions, Python, the host's CPU."""
+    versions = {}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    source = source_digest(os.path.dirname(os.path.abspath(__file__)))
+    return {"source": source, "versions": versions, "python": sys.version, "cpu": _host_cpu()}
+
+
+def program_key(name: str, args: Any, shardings: Any, inputs: Any) -> str:
+    """The hex digest a compiled program is kept under: `args` (their tree, shapes and dtypes), `shardings`
+    (the jit's in_shardings, with their devices), the caller's `inputs` (JSON-able: what else the traced
+    function reads), and the process's JAX settings, XLA environment, devices and installation."""
+    leaves, tree = jax.tree.flatten(args)
+    placements = []
+    for sharding in jax.tree.leaves(shardings):
+        mesh = getattr(sharding, "mesh", None)
+        devices = mesh.device_ids.tolist() if mesh is not None else sorted(d.id for d in sharding.device_set)
+        placements.append((str(sharding), devices))
+    described = {
+        "format": _FORMAT,
+        "name": name,
+        "tree": str(tree),
+        "avals": [(tuple(x.shape), str(x.dtype)) for x in leaves],
+        "shardings": placements,
+        "inputs": inputs,
+        "jax_config": sorted(jax.config.values.items()),
+        "env": sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)),
+        "devices": [
+            (d.id, d.platform, d.device_kind, d.process_index, str(getattr(d, "coords", ""))) for d in jax.devices()
+        ],
+        "backend": jax.devices()[0].client.platform_version,
+        "installation": _installation(),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _load(path: str, key: str, args: Any) -> tuple[jax.stages.Compiled, dict[str, Any]]:
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    with open(path, "rb") as f:
+        record = pickle.load(f)
+    if record.get("format") != _FORMAT or record.get("key") != key:
+        raise ValueError("it holds another program")
+    if record["in_tree"] != jax.tree.structure((args, {})):
+        raise ValueError("its arguments have another structure")
+    by_id = {d.id: d for d in jax.devices()}
+    # The devices it was compiled for, in its order (the default would be every device, in the backend's order).
+    devices = [by_id[i] for i in record["devices"]]
+    compiled = deserialize_and_load(
+        record["executable"], record["in_tree"], record["out_tree"], execution_devices=devices
+    )
+    for info, arg in zip(jax.tree.leaves(compiled.args_info), jax.tree.leaves(args), strict=True):
+        if info.shape != arg.shape or info.dtype != arg.dtype:
+            raise ValueError(f"it takes {info.dtype}{list(info.shape)} where {arg.dtype}{list(arg.shape)} is given")
+    os.utime(path)  # recently used: kept by the pruning below
+    return compiled, record["info"]
+
+
+def _save(folder: str, path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, Any]) -> None:
+    from jax.experimental.serialize_executable import serialize
+
+    executable, in_tree, out_tree = serialize(compiled)
+    devices = [d.id for d in compiled.runtime_executable().local_devices()]
+    record = {"format": _FORMAT, "key": key, "executable": executable, "in_tree": in_tree, "out_tree": out_tree}
+    record.update(devices=devices, info=info)
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "wb") as f:
+        pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(partial, path)  # whole or absent: a concurrent or killed start never sees half a file
+    prefix = os.path.basename(path).rsplit("-", 1)[0] + "-"
+    kept = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".bin")]
+    for old in sorted(kept, key=os.path.getmtime, reverse=True)[KEEP_PER_PROGRAM:]:
+        with contextlib.suppress(OSError):
+            os.remove(old)
+
+
+def _count_hit(event: str, **_: object) -> None:
+    if event == _HITS_EVENT:
+        _hits.count = getattr(_hits, "count", 0) + 1
+
+
+monitoring.register_event_listener(_count_hit)
+
+
+def compile_or_load(
+    jitted: Any,
+    args: tuple,
+    *,
+    name: str,
+    shardings: Any,
+    inputs: Any,
+    info: Callable[[Any], dict[str, Any]] = lambda traced: {},
+) -> tuple[jax.stages.Compiled, dict[str, Any], str | None]:
+    """(`jitted` compiled for `args`, `info(traced)`, the file it was loaded from or None).
+
+    With `executables_dir()`, the program is kept there after compiling and loaded from there, untraced, by a
+    later process with the same `program_key(name, args, shardings, inputs)`; `info` (JSON-able facts of the
+    trace, such as its FLOPs) is kept with it. `inputs` must name everything `jitted` reads besides its
+    arguments and this package's code: a program loaded for inputs it did not name would be the wrong one. A file
+    that cannot be read or written is a warning, and the program is compiled.
+    """
+    folder = executables_dir()
+    key = path = None
+    if folder is not None:
+        key = program_key(name, args, shardings, inputs)
+        path = os.path.join(folder, f"{name}-{key[:40]}.bin")
+        if os.path.exists(path):
+            try:
+                compiled, facts = _load(path, key, args)
+                logger.info("%s loaded from %s, compiled by an earlier start (nothing traced)", name, path)
+                return compiled, facts, path
+            except Exception as e:  # noqa: BLE001 -- a damaged or foreign file costs a compile, nothing else
+                logger.warning("%s: cannot load %s (%s); compiling it", name, path, one_line(e))
+    traced = jitted.trace(*args)
+    hits = getattr(_hits, "count", 0)
+    compiled = traced.lower().compile()
+    facts = info(traced)
+    if path is not None and getattr(_hits, "count", 0) > hits:
+        # XLA:CPU cannot save again a program it loaded: the copy lacks some of its compiled functions, and runs into
+        # "Function ... not found". Only a program compiled here is kept.
+        logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)
+    elif path is not None:
+        try:
+            _save(folder, path, key, compiled, facts)
+        except Exception as e:  # noqa: BLE001 -- the run needs the program, not the copy
+            logger.warning("%s: not kept for the next start: cannot write %s (%s)", name, path, one_line(e))
+    return compiled, facts, None

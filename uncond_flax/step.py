@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from uncond_flax.config import ACCUMULATION_LOOPS
+from uncond_flax.config import ACCUMULATION_LOOPS, storable
 from uncond_flax.ema import EmaSchedule
 from uncond_flax.errors import check_choice
 from uncond_flax.optim import global_norm_like_torch
@@ -177,6 +177,56 @@ def step_compiler_options() -> dict[str, str] | None:
     except jax.errors.JaxRuntimeError:  # another XLA: no such option or enum value; its defaults are as good a guess
         return None
     return dict(CPU_STEP_COMPILER_OPTIONS)
+
+
+# Config fields that only the loop around the step reads (outputs, logging, checkpoints, previews, the Hub, the
+# cluster, the loader's workers and caches). Every other field, present or future, is taken as read by the traced
+# step: a compiled step is reused only where they all match (`step_program_inputs`).
+NOT_READ_BY_THE_STEP = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "logging_dir",
+        "logger",
+        "log_every",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "save_images_epochs",
+        "save_model_epochs",
+        "eval_batch_size",
+        "sample_scheduler",
+        "sample_num_inference_steps",
+        "ddpm_num_inference_steps",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
+        "max_consecutive_skips",
+        "compilation_cache_dir",
+        "dataloader_num_workers",
+        "cache_dir",
+        "decode_cache",
+        "skip_bad_images",
+        "distributed",
+        "distributed_timeout_s",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    }
+)
+
+
+def step_program_inputs(config: Any, total_steps: int) -> dict[str, Any]:
+    """What `make_train_step`'s program reads besides its arguments and this package's code, as JSON-able values
+    (the key of a kept compiled step, `compile_cache.compile_or_load`): the config, less `NOT_READ_BY_THE_STEP`
+    and credentials; the number of optimizer steps (the learning-rate schedule); the backend's compile options."""
+    fields = {k: v for k, v in storable(config).items() if k not in NOT_READ_BY_THE_STEP}
+    return {
+        "config": fields,
+        "total_steps": total_steps,
+        "backend": jax.default_backend(),
+        "compiler_options": step_compiler_options(),
+    }
 
 
 def jit_train_step(

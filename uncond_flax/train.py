@@ -14,7 +14,7 @@ import ml_collections
 
 from uncond_flax import storage
 from uncond_flax.checkpointing import CheckpointCorrupt, Preempted, PreemptionWatch, abstract_like, prepare
-from uncond_flax.compile_cache import enable_compile_cache
+from uncond_flax.compile_cache import compile_or_load, enable_compile_cache
 from uncond_flax.config import (
     ConfigError,
     noise_scheduler_for,
@@ -35,7 +35,7 @@ from uncond_flax.parallel import (
     make_mesh,
     num_batch_shards,
 )
-from uncond_flax.step import jit_train_step, make_train_step
+from uncond_flax.step import jit_train_step, make_train_step, step_program_inputs
 from uncond_flax.train_state import TrainState, create_train_state, train_state_layout
 
 logger = logging.getLogger(__name__)
@@ -189,9 +189,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
 
         stop_if_preempted(step)  # a SIGTERM while starting: nothing compiled yet, stop at once
         started = time.perf_counter()
-        traced = train_step.trace(state, loader.batch_spec(images_sharding))
-        train_step = traced.lower().compile()
-        flops = step_flops(traced, jax.device_count())  # per device: the convolutions and matrix products
+        # A second start of the same run loads the step compiled by the first, untraced (when the cache is on).
+        train_step, facts, _ = compile_or_load(
+            train_step,
+            (state, loader.batch_spec(images_sharding)),
+            name="train_step",
+            shardings=(shardings, images_sharding),
+            inputs=step_program_inputs(config, total_steps),
+            # per device: the convolutions and matrix products
+            info=lambda traced: {"flops": step_flops(traced, jax.device_count())},
+        )
+        flops = facts.get("flops")
         logger.info(
             "train step compiled in %.1f s%s",
             time.perf_counter() - started,
