@@ -152,11 +152,12 @@ def _peak_bytes(device: Any) -> int | None:
 
 
 def compile_step(
-    config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None
+    config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None, keep: bool = False
 ) -> tuple[Any, Any, Any, float, float | None]:
     """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
     trainer's step, shardings and donation, on `mesh` (default: every device). Programs are equal for equal configs,
-    so a second call is served by the compilation cache."""
+    so a second call is served by the compilation cache. `keep`: as the trainer does it
+    (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after)."""
     import jax
 
     from uncond_flax.config import noise_scheduler_for
@@ -187,7 +188,23 @@ def compile_step(
     batch = config.train_batch_size * mesh.devices.size
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     start = time.perf_counter()
-    traced = jitted.trace(state, jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding))
+    batch_spec = jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)
+    if keep:
+        from uncond_flax.compile_cache import compile_or_load
+        from uncond_flax.step import step_program_inputs
+
+        compiled, facts, loaded = compile_or_load(
+            jitted,
+            (state, batch_spec),
+            name="train_step",
+            shardings=(shardings, images_sharding),
+            inputs=step_program_inputs(config, 10_000),
+            info=lambda traced: {"flops": step_flops(traced, mesh.devices.size)},
+        )
+        seconds = time.perf_counter() - start
+        _say(f"  {'loaded, untraced,' if loaded else 'traced, lowered and compiled'} in {seconds:.1f} s")
+        return compiled, state, images_sharding, seconds, facts.get("flops")
+    traced = jitted.trace(state, batch_spec)
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
     compiled = lowered.compile(compiler_options=compiler_options)

@@ -98,6 +98,7 @@ def instrument(phases: Phases) -> None:
     from uncond_flax import checkpointing, epoch_end, train
 
     train.build_train_loader = phases.wrap(train.build_train_loader, "data (loader)")
+    train.train_state_layout = phases.wrap(train.train_state_layout, "init state (build + jit init)")
     train.create_train_state = phases.wrap(train.create_train_state, "init state (build + jit init)")
     jit_train_step = train.jit_train_step
 
@@ -112,13 +113,7 @@ def instrument(phases: Phases) -> None:
             if name in ("trace", "lower"):
                 return lambda *a, **k: Staged(phases.wrap(attr, "compile train step (trace + lower)")(*a, **k))
             if name == "compile":
-
-                def compile_(*a, **k):
-                    compiled = phases.wrap(attr, "compile train step (XLA)")(*a, **k)
-                    phases.switch("train steps")  # everything from here that no other phase claims is stepping
-                    return compiled
-
-                return compile_
+                return phases.wrap(attr, "compile train step (XLA)")
             return attr
 
     def jit_wrapped(*args, **kwargs):
@@ -126,6 +121,15 @@ def instrument(phases: Phases) -> None:
         return Staged(step), sharding
 
     train.jit_train_step = jit_wrapped
+    compile_or_load = train.compile_or_load
+
+    def compile_or_load_(*a, **k):
+        # A kept step (a second start): its load, which began in the background while the state was made.
+        result = phases.wrap(compile_or_load, "compile train step (load the kept one)")(*a, **k)
+        phases.switch("train steps")  # everything from here that no other phase claims is stepping
+        return result
+
+    train.compile_or_load = compile_or_load_
     epoch_end.sample_images = phases.wrap(
         epoch_end.sample_images,
         lambda p: (

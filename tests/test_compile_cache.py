@@ -1,6 +1,7 @@
 """The persistent compilation cache across real processes: the second start loads from it and says so."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -121,8 +122,10 @@ def test_train_step_program_grows_linearly_with_the_parameter_leaves():
 # Whole compiled programs kept by `compile_or_load`: a later start loads them without tracing.
 
 
-def _toy(traces):
-    """A donated, sharded toy step on one device; `traces` counts how often Python runs its body (each trace)."""
+def _toy(traces, nonce=0.0):
+    """A donated, sharded toy step on one device; `traces` counts how often Python runs its body (each trace).
+    `nonce`, a constant in the program, makes it one that JAX's cache (shared by the suite and kept between runs)
+    has not seen: a program loaded from there is not kept."""
     import jax
 
     mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
@@ -130,7 +133,7 @@ def _toy(traces):
 
     def step(state, x):
         traces.append(1)
-        return {"w": state["w"] * 0.5 + x.sum()}, (x * state["w"][0]).sum()
+        return {"w": state["w"] * 0.5 + x.sum() + nonce}, (x * state["w"][0]).sum()
 
     jitted = jax.jit(step, in_shardings=(sharding, sharding), out_shardings=(sharding, sharding), donate_argnums=0)
     return jitted, sharding
@@ -147,6 +150,11 @@ def _kept(folder):
 
 
 @pytest.fixture
+def nonce():
+    return float(int.from_bytes(os.urandom(3), "little"))
+
+
+@pytest.fixture
 def kept_dir(tmp_path, monkeypatch):
     """compile_or_load's folder, under tmp_path for this test."""
     from uncond_flax import compile_cache
@@ -156,13 +164,13 @@ def kept_dir(tmp_path, monkeypatch):
     return folder
 
 
-def test_a_kept_program_is_loaded_untraced_and_computes_and_donates_as_compiled(kept_dir):
+def test_a_kept_program_is_loaded_untraced_and_computes_and_donates_as_compiled(kept_dir, nonce):
     import numpy as np
 
     from uncond_flax.compile_cache import compile_or_load
 
     traces = []
-    jitted, sharding = _toy(traces)
+    jitted, sharding = _toy(traces, nonce)
     state, x = _toy_args()
     compiled, facts, loaded = compile_or_load(
         jitted, (state, x), name="toy", shardings=(sharding, sharding), inputs={"v": 1}, info=lambda t: {"eqns": 7}
@@ -171,7 +179,7 @@ def test_a_kept_program_is_loaded_untraced_and_computes_and_donates_as_compiled(
     assert len(_kept(kept_dir)) == 1
     expected = compiled(state, x)
 
-    jitted, _ = _toy(traces)  # a new jit, as a new process has: only the kept file can spare its trace
+    jitted, _ = _toy(traces, nonce)  # a new jit, as a new process has: only the kept file can spare its trace
     state, x = _toy_args()
     again, facts, loaded = compile_or_load(
         jitted, (state, x), name="toy", shardings=(sharding, sharding), inputs={"v": 1}, info=lambda t: {"eqns": 0}
@@ -191,13 +199,13 @@ def jax_leaves(tree):
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def test_the_key_holds_what_the_trace_reads(monkeypatch):
+def test_the_key_holds_what_the_trace_reads(monkeypatch, nonce):
     import jax
     import jax.numpy as jnp
 
     from uncond_flax.compile_cache import program_key
 
-    _, sharding = _toy([])
+    _, sharding = _toy([], nonce)
     other_device = jax.sharding.NamedSharding(
         jax.make_mesh((1,), ("d",), devices=jax.devices()[1:2]), jax.sharding.PartitionSpec()
     )
@@ -242,11 +250,28 @@ def test_the_key_follows_this_packages_source(tmp_path):
     assert source_digest(str(copy)) != original
 
 
-def test_a_damaged_kept_file_warns_and_the_program_is_compiled_and_kept_again(kept_dir, caplog):
+def test_a_program_loaded_in_the_background_is_the_one_compile_or_load_returns(kept_dir, nonce):
+    from uncond_flax.compile_cache import compile_or_load, load_in_background
+
+    traces = []
+    jitted, sharding = _toy(traces, nonce)
+    kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={"v": 1})
+    assert load_in_background(args=_toy_args(), **kwargs).result() is None  # nothing kept yet
+    expected = float(compile_or_load(jitted, _toy_args(), **kwargs)[0](*_toy_args())[1])
+    assert len(traces) == 1
+
+    loading = load_in_background(args=_toy_args(), **kwargs)
+    compiled, _, loaded = compile_or_load(_toy(traces, nonce)[0], _toy_args(), loading=loading, **kwargs)
+    assert len(traces) == 1 and loaded is not None
+    assert compiled is loading.result()[0]  # not loaded a second time
+    assert float(compiled(*_toy_args())[1]) == expected
+
+
+def test_a_damaged_kept_file_warns_and_the_program_is_compiled_and_kept_again(kept_dir, caplog, nonce):
     from uncond_flax.compile_cache import compile_or_load
 
     traces = []
-    jitted, sharding = _toy(traces)
+    jitted, sharding = _toy(traces, nonce)
     kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={"v": 1})
     expected = float(compile_or_load(jitted, _toy_args(), **kwargs)[0](*_toy_args())[1])
     (name,) = _kept(kept_dir)
@@ -254,22 +279,22 @@ def test_a_damaged_kept_file_warns_and_the_program_is_compiled_and_kept_again(ke
     (kept_dir / name).write_bytes(data[: len(data) // 2])  # a copy cut short (a full disk, another tool)
 
     with caplog.at_level("WARNING", logger="uncond_flax"):
-        compiled, _, loaded = compile_or_load(_toy(traces)[0], _toy_args(), **kwargs)
+        compiled, _, loaded = compile_or_load(_toy(traces, nonce)[0], _toy_args(), **kwargs)
     assert loaded is None and len(traces) == 2
     assert f"toy: cannot load {kept_dir / name} (" in caplog.text and "); compiling it" in caplog.text
     assert float(compiled(*_toy_args())[1]) == expected
     assert (kept_dir / name).read_bytes() != data[: len(data) // 2]  # written again, whole
-    assert compile_or_load(_toy(traces)[0], _toy_args(), **kwargs)[2] is not None and len(traces) == 2
+    assert compile_or_load(_toy(traces, nonce)[0], _toy_args(), **kwargs)[2] is not None and len(traces) == 2
 
 
-def test_an_unwritable_folder_warns_and_the_compiled_program_runs(tmp_path, monkeypatch, caplog):
+def test_an_unwritable_folder_warns_and_the_compiled_program_runs(tmp_path, monkeypatch, caplog, nonce):
     from uncond_flax import compile_cache
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setattr(compile_cache, "executables_dir", lambda: str(blocker / "kept"))
     traces = []
-    jitted, sharding = _toy(traces)
+    jitted, sharding = _toy(traces, nonce)
     with caplog.at_level("WARNING", logger="uncond_flax"):
         compiled, _, loaded = compile_cache.compile_or_load(
             jitted, _toy_args(), name="toy", shardings=(sharding, sharding), inputs={}
@@ -278,13 +303,13 @@ def test_an_unwritable_folder_warns_and_the_compiled_program_runs(tmp_path, monk
     assert float(compiled(*_toy_args())[1]) == float(jitted(*_toy_args())[1])
 
 
-def test_only_the_programs_used_last_are_kept(kept_dir, monkeypatch):
+def test_only_the_programs_used_last_are_kept(kept_dir, monkeypatch, nonce):
     import time
 
     from uncond_flax import compile_cache
 
     monkeypatch.setattr(compile_cache, "KEEP_PER_PROGRAM", 2)
-    jitted, sharding = _toy([])
+    jitted, sharding = _toy([], nonce)
 
     def use(v, name="toy"):
         before = set(_kept(kept_dir))
@@ -296,10 +321,12 @@ def test_only_the_programs_used_last_are_kept(kept_dir, monkeypatch):
     assert use(0) is None  # loaded: now the one used last
     other = use(0, name="other")
     v2 = use(2)
-    assert set(_kept(kept_dir)) == {v0, v2, other}  # v1 went; another program's file does not count
+    assert set(_kept(kept_dir)) == {v0, v2, other} and v1 not in _kept(
+        kept_dir
+    )  # another program's file does not count
 
 
-def test_a_program_on_devices_in_another_order_is_loaded_onto_them_in_that_order(kept_dir):
+def test_a_program_on_devices_in_another_order_is_loaded_onto_them_in_that_order(kept_dir, nonce):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -311,7 +338,7 @@ def test_a_program_on_devices_in_another_order_is_loaded_onto_them_in_that_order
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("d",)), jax.sharding.PartitionSpec("d"))
 
     def program():
-        return jax.jit(lambda x: x * jnp.arange(8.0)[:, None], in_shardings=sharding, out_shardings=sharding)
+        return jax.jit(lambda x: x * jnp.arange(8.0)[:, None] + nonce, in_shardings=sharding, out_shardings=sharding)
 
     x = jax.device_put(jnp.ones((8, 2)), sharding)
     expected = compile_or_load(program(), (x,), name="rows", shardings=(sharding,), inputs={})[0](x)
@@ -320,12 +347,10 @@ def test_a_program_on_devices_in_another_order_is_loaded_onto_them_in_that_order
     got = compiled(x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     assert [s.device.id for s in got.addressable_shards] == [s.device.id for s in expected.addressable_shards]
-    assert [s.data[0, 0].item() for s in got.addressable_shards] == list(range(8))
+    assert [s.data[0, 0].item() - nonce for s in got.addressable_shards] == list(range(8))
 
 
-def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same_numbers(
-    tmp_path, kept_dir, caplog
-):
+def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same_numbers(tmp_path, kept_dir, caplog):
     import jax
     import numpy as np
 
@@ -335,7 +360,7 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
     common = dict(max_train_steps=4, checkpointing_steps=2, use_ema=True, save_images_epochs=1000)
     # A seed of its own: a program JAX's cache (shared by the suite) has never seen, so the first run compiles it.
     common.update(save_model_epochs=1000, seed=int.from_bytes(os.urandom(3), "little"))
-    loaded_line = "train_step loaded from " + str(kept_dir)
+    loaded_line = re.compile(r"train_step loaded in [0-9.]+ s from " + re.escape(str(kept_dir)))
 
     flops = []
 
@@ -344,12 +369,16 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
         with caplog.at_level("INFO", logger="uncond_flax"):
             state = train_and_evaluate(tiny_config(tmp_path / folder, **{**common, **overrides}))
         flops.append(caplog.text.split("FLOPs per step per device")[0].rsplit(" ", 2)[-2])
-        return jax.tree.map(np.asarray, state), loaded_line in caplog.text
+        return jax.tree.map(np.asarray, state), bool(loaded_line.search(caplog.text))
+
+    def steps_kept():
+        return [name for name in _kept(kept_dir) if name.startswith("train_step-")]
 
     first, loaded = run("a")
-    assert not loaded and len(_kept(kept_dir)) == 1
+    assert not loaded and len(steps_kept()) == 1
     second, loaded = run("b")  # the same command again, into another folder
     assert loaded, caplog.text
+    assert re.search(r"init_state loaded in [0-9.]+ s from " + re.escape(str(kept_dir)), caplog.text)  # weights
     assert flops[1] == flops[0] and float(flops[0]) > 0  # kept with the program: the log and the MFU have them
     resumed, loaded = run("a", resume_from_checkpoint="2")  # steps 3 and 4 again, from the checkpoint at 2
     assert loaded, caplog.text
@@ -358,10 +387,10 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
             np.testing.assert_array_equal(a, b)
 
     _, loaded = run("c", learning_rate=2e-3)  # another program: compiled, and kept beside the first
-    assert not loaded and len(_kept(kept_dir)) == 2
+    assert not loaded and len(steps_kept()) == 2
 
 
-def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog):
+def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog, nonce):
     """XLA:CPU saves a program it loaded without some of its functions; such a copy fails when it runs."""
     import shutil
 
@@ -369,7 +398,7 @@ def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog):
 
     from uncond_flax.compile_cache import compile_or_load
 
-    jitted, sharding = _toy([])
+    jitted, sharding = _toy([], nonce)
     kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={})
     saved = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # JAX's cache takes the toy
@@ -377,7 +406,7 @@ def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog):
         compile_or_load(jitted, _toy_args(), **kwargs)  # in JAX's cache now, if it was not before
         shutil.rmtree(kept_dir, ignore_errors=True)
         with caplog.at_level("INFO", logger="uncond_flax"):
-            compiled, _, loaded = compile_or_load(_toy([])[0], _toy_args(), **kwargs)
+            compiled, _, loaded = compile_or_load(_toy([], nonce)[0], _toy_args(), **kwargs)
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
     assert "toy: not kept (it came from JAX's cache" in caplog.text

@@ -14,7 +14,7 @@ import ml_collections
 
 from uncond_flax import storage
 from uncond_flax.checkpointing import CheckpointCorrupt, Preempted, PreemptionWatch, abstract_like, prepare
-from uncond_flax.compile_cache import compile_or_load, enable_compile_cache
+from uncond_flax.compile_cache import compile_or_load, enable_compile_cache, load_in_background
 from uncond_flax.config import (
     ConfigError,
     noise_scheduler_for,
@@ -95,10 +95,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         images_per_step = loader.examples_per_step
         tx = make_optimizer(config, total_steps)
+        layout = train_state_layout(config, mesh, tx)
+        train_graphdef, eval_graphdef, abstract, shardings, _ = layout
+        step_fn = make_train_step(
+            train_graphdef,
+            tx=tx,
+            lr_fn=lr_schedule_for(config, total_steps),
+            noise_scheduler=noise_scheduler,
+            config=config,
+        )
+        train_step, images_sharding = jit_train_step(step_fn, shardings, mesh)
+        step_args = (abstract_like(abstract, shardings), loader.batch_spec(images_sharding))
+        step_program = {
+            "name": "train_step",
+            "shardings": (shardings, images_sharding),
+            "inputs": step_program_inputs(config, total_steps),
+        }
+        # A second start of the same run loads the step compiled by the first, untraced (when the cache is on),
+        # while this thread creates or restores the state.
+        loading = load_in_background(args=step_args, **step_program)
         if not run.resuming:
-            train_graphdef, eval_graphdef, state, shardings = create_train_state(config, mesh, tx)
+            _, _, state, _ = create_train_state(config, mesh, tx, layout)
         else:
-            train_graphdef, eval_graphdef, abstract, shardings, _ = train_state_layout(config, mesh, tx)
             try:  # the newest candidate that verifies (`latest` skips damaged ones, saying so)
                 resume_step, state, data_state = run.restore(abstract_like(abstract, shardings))
             except CheckpointCorrupt as e:
@@ -118,14 +136,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
                     "state; resume from an earlier step (--config.resume_from_checkpoint=STEP)"
                 )
             logger.info("resumed from checkpoint %d in %s", resume_step, source.directory)
-        step_fn = make_train_step(
-            train_graphdef,
-            tx=tx,
-            lr_fn=lr_schedule_for(config, total_steps),
-            noise_scheduler=noise_scheduler,
-            config=config,
-        )
-        train_step, images_sharding = jit_train_step(step_fn, shardings, mesh)
         # A fresh state is at step 0: reading it would wait for the init program, which a CPU instead runs
         # while this thread traces the train step.
         step = int(state.step) if run.resuming else 0
@@ -189,15 +199,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
 
         stop_if_preempted(step)  # a SIGTERM while starting: nothing compiled yet, stop at once
         started = time.perf_counter()
-        # A second start of the same run loads the step compiled by the first, untraced (when the cache is on).
         train_step, facts, _ = compile_or_load(
             train_step,
-            (state, loader.batch_spec(images_sharding)),
-            name="train_step",
-            shardings=(shardings, images_sharding),
-            inputs=step_program_inputs(config, total_steps),
+            step_args,
+            loading=loading,
             # per device: the convolutions and matrix products
             info=lambda traced: {"flops": step_flops(traced, jax.device_count())},
+            **step_program,
         )
         flops = facts.get("flops")
         logger.info(
