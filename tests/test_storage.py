@@ -297,3 +297,24 @@ def test_a_listing_sees_objects_another_process_wrote_since(gcs_emulator, gcs_pa
     subprocess.run([sys.executable, "-c", child], check=True, cwd=REPO, timeout=120)
     assert storage.listdir(f"{gcs_path}/checkpoints") == ["1", "2"]
     assert storage.isdir(f"{gcs_path}/checkpoints/2")
+
+
+def test_a_listing_is_fresh_even_where_gcsfs_was_opened_before_this_package(gcs_emulator, gcs_path):
+    """orbax, a notebook or a dataset library may open gs:// through etils/fsspec before this package sets gcsfs
+    not to cache listings; that filesystem, cached for the process, must not hide another host's objects."""
+    script = f"""
+import subprocess, sys
+from etils import epath
+epath.Path("{gcs_path}/other").exists()  # gcsfs opened with its defaults: listings cached
+from uncond_flax import storage
+storage.write_text("{gcs_path}/checkpoints/1/x", "a")
+print(storage.listdir("{gcs_path}/checkpoints"), storage.exists("{gcs_path}/checkpoints/2/x"))
+child = "from uncond_flax import storage; storage.write_text('{gcs_path}/checkpoints/2/x', 'b')"
+subprocess.run([sys.executable, "-c", child], check=True, timeout=120)
+print(storage.listdir("{gcs_path}/checkpoints"), storage.isdir("{gcs_path}/checkpoints/2"))
+print(len(storage.walk_files("{gcs_path}/checkpoints")))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, cwd=REPO, timeout=180, capture_output=True, text=True
+    ).stdout.split("\n")
+    assert out[:3] == ["['1'] False", "['1', '2'] True", "2"], out

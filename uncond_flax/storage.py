@@ -73,8 +73,22 @@ def _check_url(url: str) -> None:
 
         # gcsfs otherwise keeps each folder listing for the life of the process, blind to objects that another
         # host, or tensorstore (orbax's array writer) in this one, writes later. A config default: the user's
-        # fsspec configuration wins, and it must be in place before the first gcsfs instance is created.
-        fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+        # fsspec configuration wins. It reaches only the gcsfs instances created after it, so any opened before
+        # (by orbax or etils, a dataset library, a notebook) stop caching too.
+        conf = fsspec.config.conf.setdefault("gcs", {})
+        if not conf.setdefault("use_listings_cache", False):
+            _stop_caching_listings()
+
+
+def _stop_caching_listings() -> None:
+    import gcsfs
+
+    # fsspec keeps each filesystem it made, per class (and thread), in `_cache`; copied in one step under the GIL
+    for fs in tuple(getattr(gcsfs.GCSFileSystem, "_cache", {}).values()):
+        dircache = getattr(fs, "dircache", None)
+        if getattr(dircache, "use_listings_cache", False):
+            dircache.use_listings_cache = False
+            dircache.clear()
 
 
 def abspath(path: PathLike) -> str:
