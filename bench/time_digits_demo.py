@@ -125,7 +125,7 @@ def instrument(phases: Phases) -> None:
 
     def compile_or_load_(*a, **k):
         # A kept step (a second start): its load, which began in the background while the state was made.
-        result = phases.wrap(compile_or_load, "compile train step (load the kept one)")(*a, **k)
+        result = phases.wrap(compile_or_load, "compile train step (key; load of a kept one)")(*a, **k)
         phases.switch("train steps")  # everything from here that no other phase claims is stepping
         return result
 
