@@ -436,3 +436,24 @@ def test_the_steps_key_holds_every_field_but_the_loops_own_and_no_credentials(tm
     other.model.norm_eps = 1e-6  # a model field that changes no shape
     assert step_program_inputs(other, 10) != inputs
     assert set(NOT_READ_BY_THE_STEP) <= set(base.keys())  # no stale names
+
+
+def test_programs_are_kept_only_beside_a_local_jax_cache_that_is_on(tmp_path):
+    import jax
+
+    from uncond_flax.compile_cache import EXECUTABLES_SUBDIR, executables_dir
+
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        assert executables_dir() == str(tmp_path / EXECUTABLES_SUBDIR)
+        jax.config.update("jax_enable_compilation_cache", False)
+        assert executables_dir() is None
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", "gs://bucket/jax-cache")  # tensorstore's, not a folder
+        assert executables_dir() is None
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert executables_dir() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_enable_compilation_cache", saved[1])

@@ -106,11 +106,11 @@ _ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU", "TPU_", "NVIDIA_TF32")
 
 
 def executables_dir() -> str | None:
-    """Where compiled programs are kept: `uncond_flax_executables/` in JAX's cache directory when it is a local
-    folder and this is the only process (each of several processes would have to load the same program); else
-    None."""
+    """Where compiled programs are kept: `uncond_flax_executables/` in JAX's cache directory when that cache is on
+    and a local folder, and this is the only process (each of several processes would have to load the same
+    program); else None."""
     cache = jax.config.jax_compilation_cache_dir
-    if not cache or "://" in cache or jax.process_count() > 1:
+    if not cache or not jax.config.jax_enable_compilation_cache or "://" in cache or jax.process_count() > 1:
         return None
     return os.path.join(cache, EXECUTABLES_SUBDIR)
 
