@@ -109,8 +109,9 @@ def create_train_state(
     if jax.default_backend() == "cpu":
         params = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
         options = {"xla_backend_optimization_level": init_optimization_level(params)}
-    # Kept like the train step: a second start loads it untraced (~1.3 s less for the default UNet). Its key: the
-    # config (as the step's; the optimizer's hyperparameters only make more keys), the state it makes, the options.
+    # Kept like the train step: a second start loads it untraced (no trace and lowering: ~1.3 s for the default
+    # UNet). Its key: the config (as the step's; the optimizer's hyperparameters only make more keys), the state it
+    # makes, the compile options.
     inputs = step_program_inputs(config, 0) | {"state": describe_avals(abstract)}
     compiled, _, _ = compile_or_load(
         jax.jit(init, out_shardings=shardings),
