@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -205,9 +206,10 @@ def _load(path: str, key: str, args: Any) -> tuple[jax.stages.Compiled, dict[str
     return compiled, record["info"]
 
 
-def _save(folder: str, path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, Any]) -> None:
+def _save(path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, Any]) -> None:
     from jax.experimental.serialize_executable import serialize
 
+    folder = os.path.dirname(path)
     executable, in_tree, out_tree = serialize(compiled)
     devices = [d.id for d in compiled.runtime_executable().local_devices()]
     record = {"format": _FORMAT, "key": key, "executable": executable, "in_tree": in_tree, "out_tree": out_tree}
@@ -255,13 +257,25 @@ def _try_load(name: str, key: str | None, path: str | None, args: Any) -> tuple[
     return compiled, facts, path
 
 
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """A kept program being loaded in a thread (`load_in_background`), with the key and file it was looked up by."""
+
+    key: str | None
+    path: str | None
+    future: concurrent.futures.Future
+
+    def result(self) -> tuple[Any, dict[str, Any], str] | None:
+        """Waits: (compiled, info, file), or None where nothing is kept (or it could not be read: a warning)."""
+        return self.future.result()
+
+
 def load_in_background(
     name: str, args: tuple, *, shardings: Any, inputs: Any, compiler_options: dict[str, Any] | None = None
-) -> concurrent.futures.Future:
+) -> Loading:
     """Start loading a kept program in a thread (XLA lets go of the GIL while it builds the executable: on two
     cores the default UNet's init program and train step load in 5.0 s together, 8.7 s one after the other); pass
-    the future to `compile_or_load` as `loading`, with the same arguments. Its result is None where nothing is
-    kept for them (or it could not be read: a warning), and `compile_or_load` then compiles."""
+    it to `compile_or_load` as `loading`, which compiles (and keeps) the program where nothing was loaded."""
     future: concurrent.futures.Future = concurrent.futures.Future()
     key, path = _locate(name, args, shardings, inputs, compiler_options)
 
@@ -272,7 +286,7 @@ def load_in_background(
             future.set_exception(e)
 
     threading.Thread(target=run, name=f"load {name}", daemon=True).start()
-    return future
+    return Loading(key, path, future)
 
 
 def compile_or_load(
@@ -284,7 +298,7 @@ def compile_or_load(
     inputs: Any,
     info: Callable[[Any], dict[str, Any]] = lambda traced: {},
     compiler_options: dict[str, Any] | None = None,
-    loading: concurrent.futures.Future | None = None,
+    loading: Loading | None = None,
 ) -> tuple[jax.stages.Compiled, dict[str, Any], str | None]:
     """(`jitted` compiled for `args`, `info(traced)`, the file it was loaded from or None).
 
@@ -293,23 +307,28 @@ def compile_or_load(
     trace, such as its FLOPs) is kept with it. `inputs` must name everything `jitted` reads besides its
     arguments and this package's code: a program loaded for inputs it did not name would be the wrong one. A file
     that cannot be read or written is a warning, and the program is compiled. `loading`: the same program's
-    `load_in_background`, already under way.
+    `load_in_background`, already under way (its key is the one used).
     """
-    key, path = _locate(name, args, shardings, inputs, compiler_options)
-    found = loading.result() if loading is not None else _try_load(name, key, path, args)
+    if loading is not None:
+        key, path, found = loading.key, loading.path, loading.result()
+    else:
+        key, path = _locate(name, args, shardings, inputs, compiler_options)
+        found = _try_load(name, key, path, args)
     if found is not None:
         return found
     traced = jitted.trace(*args)
     hits = getattr(_hits, "count", 0)
     compiled = traced.lower().compile(compiler_options=compiler_options)
     facts = info(traced)
-    if path is not None and getattr(_hits, "count", 0) > hits:
+    if path is None:
+        return compiled, facts, None
+    if getattr(_hits, "count", 0) > hits:
         # XLA:CPU cannot save again a program it loaded: the copy lacks some of its compiled functions, and runs into
         # "Function ... not found". Only a program compiled here is kept.
         logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)
-    elif path is not None:
-        try:
-            _save(os.path.dirname(path), path, key, compiled, facts)
-        except Exception as e:  # noqa: BLE001 -- the run needs the program, not the copy
-            logger.warning("%s: not kept for the next start: cannot write %s (%s)", name, path, one_line(e))
+        return compiled, facts, None
+    try:
+        _save(path, key, compiled, facts)
+    except Exception as e:  # noqa: BLE001 -- the run needs the program, not the copy
+        logger.warning("%s: not kept for the next start: cannot write %s (%s)", name, path, one_line(e))
     return compiled, facts, None

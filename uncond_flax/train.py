@@ -137,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
                 )
             logger.info("resumed from checkpoint %d in %s", resume_step, source.directory)
         # A fresh state is at step 0: reading it would wait for the init program, which a CPU instead runs
-        # while this thread traces the train step.
+        # while this thread traces the train step (or waits for the kept one to load).
         step = int(state.step) if run.resuming else 0
         if main:
             logger.info(
