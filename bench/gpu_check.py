@@ -5,6 +5,7 @@
     python bench/gpu_check.py --preset tiny          # a few minutes on a CPU: exercises every section
     python bench/gpu_check.py --section jax-step --precision bf16   # one section, in this process
     python bench/gpu_check.py --section jax-step --batch 256 --gradient-checkpointing   # memory against compute
+    bash bench/gpu_check.sh --sections jax-step,torch-step --set model.layers_per_block=1   # another config field
 
 Sections, each in its own process under a hard time limit (a section that overruns is killed and reported; the
 others still run, and everything measured so far has been printed already):
@@ -27,12 +28,14 @@ import os
 import re
 import signal
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,8 +82,15 @@ def _report(name: str, result: dict[str, Any]) -> None:
 # configs
 
 
-def bench_config(preset: str, precision: str = "no", batch: int | None = None, devices: int | None = None) -> Any:
-    """The resolved training config a preset measures: global batch `batch` split over `devices` (default: JAX's)."""
+def bench_config(
+    preset: str,
+    precision: str = "no",
+    batch: int | None = None,
+    devices: int | None = None,
+    overrides: Sequence[tuple[str, Any]] = (),
+) -> Any:
+    """The resolved training config a preset measures: global batch `batch` split over `devices` (default: JAX's),
+    then the (dotted field, value) `overrides` (`--set`), checked as the trainer checks a config."""
     from configs import default
     from uncond_flax.config import resolve_config
 
@@ -103,6 +113,14 @@ def bench_config(preset: str, precision: str = "no", batch: int | None = None, d
 
         devices = jax.device_count()
     config.train_batch_size = max(1, (batch or sizes["batch"]) // devices)
+    for field, value in overrides:
+        *parents, leaf = field.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        if leaf not in target:
+            raise KeyError(f"--set {field}: no such config field")
+        target[leaf] = value
     return resolve_config(config)
 
 
@@ -168,6 +186,7 @@ def compile_step(
     from uncond_flax.train_state import create_train_state
 
     mesh = make_mesh() if mesh is None else mesh
+    _step_from_cache[0] = False
     # constant_with_warmup (bench_config): the program does not depend on the number of steps.
     tx = make_optimizer(config, 10_000)
     start = time.perf_counter()
@@ -207,15 +226,44 @@ def compile_step(
     traced = jitted.trace(state, batch_spec)
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
+    hits = _cache_hits()
     compiled = lowered.compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
-    _say(f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s")
+    _step_from_cache[0] = _cache_hits() > hits
+    _say(
+        f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s"
+        + (" (loaded from JAX's compilation cache: not a compile time)" if _step_from_cache[0] else "")
+    )
     return compiled, state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
 
 
+_events: dict[str, int] = {}
+_step_from_cache = [False]  # whether compile_step's last program came from JAX's persistent cache
+
+
+def _count_event(event: str, **_: Any) -> None:
+    _events[event] = _events.get(event, 0) + 1
+
+
+def _cache_hits() -> int:
+    """Programs served by JAX's persistent compilation cache so far in this process."""
+    import jax
+
+    if not _events.get("listening"):
+        jax.monitoring.register_event_listener(_count_event)
+        _events["listening"] = 1
+    return _events.get("/jax/compilation_cache/cache_hits", 0)
+
+
 def _op_kind(name: str) -> str:
-    """An XLA op's kind from its trace event's name: "loop_add_fusion.12" -> "loop_add_fusion"."""
-    return re.sub(r"\.\d+$", "", name.split(" = ")[0].strip().lstrip("%"))
+    """An XLA op's kind from its trace event's name: "loop_add_fusion.12" (CPU) or "loop_add_fusion_12" (GPU) ->
+    "loop_add_fusion"; a cuDNN convolution kernel ("sm90_xmma_dgrad_implicit_gemm_bf16..._cudnn") -> "cudnn conv
+    dgrad" (fprop: forward, dgrad: input gradient, wgrad: weight gradient), whatever its tile sizes."""
+    name = name.split(" = ")[0].strip().lstrip("%")
+    conv = re.search(r"(fprop|dgrad|wgrad)", name) if "cudnn" in name or "xmma" in name else None
+    if conv:
+        return f"cudnn conv {conv.group(1)}"
+    return re.sub(r"[._]\d+$", "", name)
 
 
 def _op_events(plane: Any) -> list[tuple[str, int]]:
@@ -309,6 +357,7 @@ def jax_step(
         "resolution": config.resolution,
         "batch": batch,
         "compile_s": compile_s,
+        "compile_from_cache": _step_from_cache[0],
         "step_s": seconds,
         "img_per_s": batch / seconds,
         "flops_per_step": flops,
@@ -353,11 +402,12 @@ def _profile_line(profile: dict[str, Any], top: int = 6) -> str:
 
 def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
     sizes = PRESETS[args.preset]
-    config = bench_config(args.preset, args.precision, args.batch)
+    config = bench_config(args.preset, args.precision, args.batch, overrides=args.set)
     config.gradient_checkpointing = args.gradient_checkpointing
     _say(
         f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}"
         + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + "".join(f", {field}={value!r}" for field, value in args.set)
     )
     return jax_step(
         config, args.steps or sizes["steps"], args.profile_steps, report=lambda result: _report("jax-step", result)
@@ -442,7 +492,7 @@ def section_torch_step(args: argparse.Namespace) -> dict[str, Any]:
     precision = args.precision if args.precision != "auto" else sizes["torch_precision"]
     # JAX stays off this process (the driver hides the GPU from it): the batch is the global one JAX ran.
     batch = args.batch or sizes["batch"]
-    config = bench_config(args.preset, precision, batch, devices=1)
+    config = bench_config(args.preset, precision, batch, devices=1, overrides=args.set)
     return torch_step(config, batch, args.steps or sizes["steps"], precision)
 
 
@@ -622,7 +672,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[str]:
         elif r["section"] == "jax-step":
             lines.append(
                 f"{key:<16} {r['img_per_s']:9.1f} img/s  step {r['step_s'] * 1e3:8.1f} ms  "
-                f"compile {r['compile_s']:6.1f} s  "
+                f"compile {r['compile_s']:6.1f} s{' (cache)' if r.get('compile_from_cache') else ''}  "
                 f"MFU {_pct(r['mfu'])}  peak mem {_gib(r['peak_memory_gib'])}  (batch {r['batch']}, "
                 f"{r['resolution']} px)"
             )
@@ -659,6 +709,21 @@ def _raise_stopped(signum: int, frame: Any) -> None:
 
 def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Run the selected sections one after another in child processes; print and return their results."""
+    # One JAX compilation cache for all the sections: each creates the UNet's state, whose init program (the same
+    # for both precisions and every batch) took 41-51 s to compile on an H100, and 8-9 s from the cache.
+    cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or args.cache_dir
+    temporary = None
+    if not cache_dir:
+        cache_dir = temporary = tempfile.mkdtemp(prefix="gpu_check_cache-")
+    _say(f"JAX compilation cache for the sections: {cache_dir}" + (" (removed at the end)" if temporary else ""))
+    try:
+        return _drive(args, {} if cache_dir == "none" else {"JAX_COMPILATION_CACHE_DIR": cache_dir})
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dict[str, Any]]:
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     signal.signal(signal.SIGTERM, _raise_stopped)
@@ -676,7 +741,7 @@ def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             _say(f"== {key}: skipped (the total limit is reached)")
             results[key] = {"section": name, "error": "skipped: total time limit"}
             return
-        results[key] = run_section(name, argv, budget, env)
+        results[key] = run_section(name, argv, budget, {**cache_env, **(env or {})})
         if results[key].get("error", "").startswith("stopped"):
             stopped = True
 
@@ -686,6 +751,7 @@ def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         preset = results.get("env", {}).get("preset", "small")
     common = ["--preset", preset] + (["--batch", str(args.batch)] if args.batch else [])
     common += ["--steps", str(args.steps)] if args.steps else []
+    common += [f"--set={field}={value!r}" for field, value in args.set]  # the config both UNets are built from
     run("jax-step:bf16", "jax-step", [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps)])
     # JAX on the CPU there: it would otherwise take most of the GPU's memory before torch starts.
     run("torch-step", "torch-step", common, env={"JAX_PLATFORMS": "cpu"})
@@ -705,6 +771,19 @@ def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _field_value(text: str) -> tuple[str, Any]:
+    """FIELD=VALUE -> (field, value): a Python literal where it parses as one, else the string."""
+    import ast
+
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE")
+    try:
+        return field, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return field, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -722,6 +801,14 @@ def main(argv: list[str] | None = None) -> int:
         help="jax-step: recompute each UNet block in the backward pass (memory against compute)",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_field_value,
+        metavar="FIELD=VALUE",
+        help="jax-step and torch-step: a config field, dotted for the model's (model.dropout=0.1); repeatable",
+    )
+    parser.add_argument(
         "--profile-steps", type=int, default=3, help="jax-step: steps traced for the op breakdown (0: none)"
     )
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
@@ -732,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds for all sections (default {TOTAL_LIMIT_S:.0f}, scaled)",
     )
     parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="the sections' JAX compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else a temporary folder "
+        "removed at the end; 'none': no cache)",
+    )
     args = parser.parse_args(argv)
     args.sections = args.sections.split(",")
     unknown = set(args.sections) - set(SECTIONS)

@@ -46,6 +46,18 @@ def test_op_breakdown_counts_the_ops_a_program_runs():
     assert 0 < profile["op_ms_per_step"] < 1e3 and sum(share for *_, share in profile["ops"]) <= 1.0 + 1e-6
 
 
+def test_op_kinds_group_cpu_and_gpu_names():
+    # Names as an H100's trace and a CPU's give them (jax 0.11.2 and 0.10.2).
+    kind = gpu_check._op_kind
+    assert kind("loop_add_fusion.12") == kind("loop_add_fusion_470") == "loop_add_fusion"
+    assert kind("%input_reduce_fusion.3 = f32[64,32]{1,0} fusion(...)") == "input_reduce_fusion"
+    fprop = "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize{}_execute_segment_k_off_kernel"
+    fprop += "__5x_cudnn"
+    assert kind(fprop.format("128x128x64")) == kind(fprop.format("256x128x64")) == "cudnn conv fprop"
+    assert kind(fprop.replace("fprop", "wgrad_indexed").format("128x64x64")) == "cudnn conv wgrad"
+    assert kind("memcpy128") == "memcpy128" and kind("convolution") == "convolution"
+
+
 def test_jax_step_reports_its_timings_before_profiling():
     reported = []
     result = gpu_check.jax_step(
@@ -85,6 +97,46 @@ def _drive(tmp_path, *args):
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())["results"], proc.stdout
+
+
+def test_set_overrides_fields_before_the_config_is_checked():
+    assert gpu_check._field_value("model.dropout=0.25") == ("model.dropout", 0.25)
+    assert gpu_check._field_value("accumulation_loop=scan") == ("accumulation_loop", "scan")
+    config = gpu_check.bench_config(
+        "tiny", "no", batch=16, overrides=[("gradient_accumulation_steps", 2), ("model.dropout", 0.25)]
+    )
+    assert config.gradient_accumulation_steps == 2 and config.model.dropout == 0.25
+    with pytest.raises(KeyError, match="--set model.dropuot: no such config field"):
+        gpu_check.bench_config("tiny", overrides=[("model.dropuot", 0.1)])
+    with pytest.raises(ValueError, match="accumulation_loop='while'"):  # checked as the trainer checks it
+        gpu_check.bench_config("tiny", overrides=[("accumulation_loop", "while")])
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--set", "no-equals-sign"])
+
+
+def test_driver_hands_set_to_the_sections_that_build_the_unet(tmp_path):
+    from diffusers import UNet2DModel
+
+    def params(overrides):
+        model = gpu_check.bench_config("tiny", "no", batch=16, devices=1, overrides=overrides).model
+        return sum(p.numel() for p in UNet2DModel(**model.to_dict()).parameters())
+
+    wider = [("model.layers_per_block", 2)]
+    assert params(wider) != params([])
+    results, _ = _drive(tmp_path, "--sections", "torch-step", "--steps", "1", "--set", "model.layers_per_block=2")
+    assert results["torch-step"]["params"] == params(wider)
+
+
+def test_driver_sections_share_one_compilation_cache(tmp_path):
+    # The second run's section finds the programs the first one compiled; the check says its step came from the
+    # cache rather than reporting the load as a compile time.
+    cache = tmp_path / "jax_cache"
+    args = ("--sections", "tiny-train", "--train-steps", "3", "--cache-dir", str(cache))
+    first, first_out = _drive(tmp_path, *args)
+    assert f"JAX compilation cache for the sections: {cache}" in first_out
+    assert any(p.is_file() for p in cache.rglob("*")) and "from JAX's compilation cache" not in first_out
+    second, second_out = _drive(tmp_path, *args)
+    assert second["tiny-train"]["steps"] == 3 and "(loaded from JAX's compilation cache" in second_out
 
 
 def test_driver_runs_each_section_in_a_child_and_summarizes(tmp_path):
