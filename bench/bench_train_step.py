@@ -8,6 +8,7 @@
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
+    python bench/bench_train_step.py --model default --batch-size 4 --jax "" --jax "grad_norm_reduction=concat"
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
         --jax "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"   # one lever each
     taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
@@ -17,7 +18,8 @@ diffusion loss, donated state). Theirs is what train_unconditional.py does per s
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` (models.layers.implementations),
-`accumulation_loop=` (the config field), any other key an XLA compiler option for that variant's step alone.
+a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), any other key an XLA compiler option for
+that variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
 """
 
@@ -85,8 +87,8 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
     impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
     config = config.copy_and_resolve_references()
-    if "accumulation_loop" in options:
-        config.accumulation_loop = options.pop("accumulation_loop")
+    for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...
+        config[field] = options.pop(field)
 
     config = resolve_config(config)
     with implementations(**impls):

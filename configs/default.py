@@ -100,6 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     # How the micro-batches' gradients are summed inside the step: "unrolled" (one traced copy each), "scan" (one
     # copy in a loop: compile time does not grow with their number), "auto": unrolled on CPU, scan on GPU/TPU.
     c.accumulation_loop = "auto"
+    # How the gradient norm (logged, and clipped to 1.0 as diffusers does) is reduced: "per_leaf" (torch's
+    # clip_grad_norm_: each parameter's norm, then the norm of those), or "concat" (all gradients laid end to end,
+    # one reduction: far fewer GPU kernels; with fsdp > 1 it gathers the gradients). The same norm up to float32
+    # rounding.
+    c.grad_norm_reduction = "per_leaf"
     # As diffusers' --gradient_checkpointing (its other training scripts): the backward pass recomputes each UNet
     # block's activations instead of keeping them: less device memory (a larger batch fits), about one more
     # forward pass of compute.

@@ -115,6 +115,26 @@ def _random_tree(rng: np.random.Generator, scale: float = 1.0) -> dict:
     return {k: np.asarray(scale * rng.standard_normal(s), np.float32) for k, s in SHAPES.items()}
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 3.0, 1e18])
+def test_both_norm_reductions_give_torchs_total_norm(scale):
+    rng = np.random.default_rng(2)
+    grads = _random_tree(rng, scale)
+    grads["bf16"] = jnp.asarray(scale * rng.standard_normal((7, 3)), jnp.bfloat16)  # summed in float32 either way
+    params = [torch.nn.Parameter(torch.zeros(np.shape(g))) for g in grads.values()]
+    for p, g in zip(params, grads.values()):
+        p.grad = torch.from_numpy(np.array(g, np.float32))  # a copy: torch clips it in place
+    total = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    per_leaf = float(jax.jit(global_norm_like_torch)(grads))
+    concat = float(jax.jit(lambda g: global_norm_like_torch(g, "concat"))(grads))
+    np.testing.assert_allclose([per_leaf, concat], [total, total], rtol=1e-6, atol=0)
+    for bad in (np.inf, np.nan):  # the step's finiteness check reads the norm
+        poisoned = dict(grads, c=grads["c"].copy())
+        poisoned["c"][0, 0, 0] = bad
+        assert not np.isfinite(float(global_norm_like_torch(poisoned, "concat")))
+    with pytest.raises(ValueError, match="grad_norm_reduction='flat' is not supported"):
+        global_norm_like_torch(grads, "flat")
+
+
 @pytest.mark.parametrize("scale", [0.0, 0.01, 0.1, 3.0])
 def test_clip_matches_torch(scale):
     rng = np.random.default_rng(1)

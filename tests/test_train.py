@@ -254,6 +254,22 @@ def test_accumulation_equals_one_batch_of_16(tmp_path, loop, per_device, accum, 
     assert_same_training(one_big, run_steps(config, mesh, 2, with_metrics=True))
 
 
+def test_concat_grad_norm_is_one_reduction_and_trains_the_same(tmp_path):
+    runs, reductions = {}, {}
+    for choice in ("per_leaf", "concat"):
+        config = tiny_config(tmp_path, grad_norm_reduction=choice)
+        state, step = build_step(resolve_config(config), make_mesh())
+        jaxpr = str(jax.make_jaxpr(step)(state, jax.ShapeDtypeStruct((1, 16, 8, 8, 1), jnp.uint8)))
+        reductions[choice] = jaxpr.count("reduce_sum[")
+        leaves = len(jax.tree.leaves(state.params))
+        runs[choice] = run_steps(config, make_mesh(), 2, with_metrics=True)
+    # per_leaf: one sum per parameter and one over their norms; concat: one in all.
+    assert reductions["per_leaf"] - reductions["concat"] == leaves > 20, reductions
+    assert_same_training(runs["per_leaf"], runs["concat"])
+    with pytest.raises(ValueError, match="grad_norm_reduction='flat' is not supported; choose one"):
+        resolve_config(tiny_config(tmp_path, grad_norm_reduction="flat"))  # the config's check, before any trace
+
+
 def test_scan_and_unrolled_accumulation_draw_the_same_dropout(tmp_path):
     mesh = make_mesh(devices=jax.devices()[:2])
     runs = [

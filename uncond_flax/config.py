@@ -12,7 +12,7 @@ from uncond_flax.errors import check_choice
 from uncond_flax.export import load_unet_config
 from uncond_flax.metrics import check_logger
 from uncond_flax.models import resolve_unet_config
-from uncond_flax.optim import lr_schedule_for
+from uncond_flax.optim import GRAD_NORM_REDUCTIONS, lr_schedule_for
 from uncond_flax.schedulers import FlaxDDIMScheduler, FlaxDDPMScheduler
 from uncond_flax.schedulers.common import PREDICTION_TYPES
 
@@ -53,6 +53,7 @@ def check_fields(config: Any) -> None:
     check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
     check_choice("sample_scheduler", config.sample_scheduler, SAMPLE_SCHEDULERS)
     check_choice("accumulation_loop", config.accumulation_loop, ACCUMULATION_LOOPS)
+    check_choice("grad_norm_reduction", config.get("grad_norm_reduction", "per_leaf"), GRAD_NORM_REDUCTIONS)
     check_logger(config.logger)
     lr_schedule_for(config, 1)
     for key in _POSITIVE_INTS:

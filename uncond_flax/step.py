@@ -109,7 +109,8 @@ def make_train_step(
         if accum > 1:  # x / 1 is x: nothing to trace for the usual single micro-batch
             grads = jax.tree.map(lambda g: g / accum, grads)
         grads = state.loss_scale.unscale(grads)
-        grad_norm = global_norm_like_torch(grads)  # logged, and clipped by: computed once, outside the cond
+        # Logged, and clipped by: computed once, outside the cond.
+        grad_norm = global_norm_like_torch(grads, config.get("grad_norm_reduction", "per_leaf"))
         # A NaN or inf gradient makes the norm NaN or inf: the norm is the check, and the step makes no second pass
         # over the gradients (the default UNet's program: 3,723 instead of 4,919 top-level operations, compiled in
         # ~38 instead of ~41 CPU-s, loaded from the cache in ~3.9 instead of ~5). The one difference from checking
