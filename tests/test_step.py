@@ -158,6 +158,68 @@ def _residual_bytes(loss, params):
     return sum(r.size * r.dtype.itemsize for r in residuals)
 
 
+def count_primitive(jaxpr, name):
+    """How many times `name` runs in `jaxpr`, counting inside every sub-program (the printed form shows a repeated
+    sub-program once)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += count_primitive(inner, name)
+    return count
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {  # two levels with attention, the Fourier time embedding (a buffer drawn at once, between batched draws)
+            "model.block_out_channels": (16, 32),
+            "model.down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+            "model.up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+            "model.time_embedding_type": "fourier",
+            "use_ema": True,
+        },
+    ],
+    ids=["tiny", "attention-fourier-ema"],
+)
+def test_the_init_program_draws_in_batches_the_weights_drawn_one_by_one(tmp_path, overrides):
+    from uncond_flax.train_state import create_train_state
+
+    config = resolve_config(tiny_config(tmp_path, **overrides))
+    tx = make_optimizer(config, 10)
+    _, _, state, _ = create_train_state(config, make_mesh(), tx)
+
+    def one_by_one_init():
+        return nnx.state(build_model(config), nnx.Param)
+
+    one_by_one = build_model(config)  # eager: every initializer draws when it is called
+    expected = nnx.split(one_by_one, nnx.Param, ...)[1:]
+    for a, b in zip(jax.tree.leaves((state.params, state.buffers)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if config.use_ema:
+        for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected[0]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The program makes one vmapped draw per (initializer, shape) instead of one per weight.
+    init = train_state_layout(config, make_mesh(), tx)[4]
+    batched, single = (count_primitive(jax.make_jaxpr(f)().jaxpr, "random_bits") for f in (init, one_by_one_init))
+    assert 0 < batched < single / 2, (batched, single)
+
+
+def test_batched_draws_refuse_to_leave_a_placeholder_unfilled():
+    from uncond_flax.models.layers import batched_draws, conv2d, linear
+
+    with batched_draws() as draws:
+        kept = linear(4, 3, rngs=nnx.Rngs(0))
+        lost = conv2d(3, 3, 3, rngs=nnx.Rngs(1))  # its weights are not handed to fill()
+    del lost
+    with pytest.raises(RuntimeError, match="batched_draws: 2 draws are not leaves of the tree given to fill"):
+        draws.fill(nnx.state(kept, nnx.Param))
+
+
 def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradients(tmp_path):
     config = resolve_config(tiny_config(tmp_path, gradient_checkpointing=True, **{"model.dropout": 0.5}))
     train_graphdef, eval_graphdef, _, _, _ = train_state_layout(config, make_mesh(), make_optimizer(config, 10))

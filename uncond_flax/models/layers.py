@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,74 @@ from jax import lax
 
 from uncond_flax.errors import check_choice
 
-# Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's kaiming_uniform_(a=sqrt(5)) for weights.
-_torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+class _Pending(threading.local):
+    draws: list | None = None  # (signature, initializer, key, shape, dtype, placeholder), inside `batched_draws`
+
+
+_pending = _Pending()
+
+
+class BatchedDraws:
+    """The random weights drawn inside `batched_draws()`, made together by `fill`."""
+
+    def __init__(self, draws: list):
+        self._draws = draws
+
+    def fill(self, tree: Any) -> Any:
+        """`tree` (the built model's weights) with each placeholder replaced by its draw. Draws of one initializer,
+        shape and dtype are made by one vmapped call, whose rows are exactly what the single calls give (the same
+        threefry counters under each key)."""
+        groups: dict[tuple, list] = {}
+        for signature, init, key, shape, dtype, placeholder in self._draws:
+            groups.setdefault((signature, shape, dtype), []).append((init, key, placeholder))
+        drawn = {}
+        for (_, shape, dtype), members in groups.items():
+            init = members[0][0]
+            values = jax.vmap(lambda key, init=init, shape=shape, dtype=dtype: init(key, shape, dtype))(
+                jnp.stack([key for _, key, _ in members])
+            )
+            drawn.update((id(placeholder), values[i]) for i, (_, _, placeholder) in enumerate(members))
+        leaves, treedef = jax.tree.flatten(tree)
+        filled = [drawn.pop(id(leaf), leaf) for leaf in leaves]
+        if drawn:  # a placeholder that is not a weight of `tree` would leave zeros where weights belong
+            raise RuntimeError(f"batched_draws: {len(drawn)} draws are not leaves of the tree given to fill()")
+        return jax.tree.unflatten(treedef, filled)
+
+
+@contextlib.contextmanager
+def batched_draws() -> Iterator[BatchedDraws]:
+    """Layers built inside draw no random weights: each of their initializers returns a placeholder (zeros) and
+    notes its key; `.fill(weights)` then makes the draws, one vmapped call per initializer, shape and dtype. The
+    weights are the same, bit for bit. The default UNet's init program then holds 53 draws instead of 308. On one
+    core XLA:CPU compiles it in 16-21 s instead of 32-37 and runs it in 2.7 s instead of 2.1, and a fresh state
+    takes 22-24 s instead of 29-35 (the digits UNet: no difference measurable)."""
+    if _pending.draws is not None:
+        raise RuntimeError("batched_draws() does not nest")
+    draws: list = []
+    _pending.draws = draws
+    try:
+        yield BatchedDraws(draws)
+    finally:
+        _pending.draws = None
+
+
+def _batchable(init: Callable, signature: tuple) -> Callable:
+    """`init(key, shape, dtype)`; inside `batched_draws()`, a placeholder whose draw `fill` makes, together with the
+    other draws of the same `signature` (equal signatures: the same initializer for equal shapes), shape and dtype."""
+
+    def draw(key, shape, dtype=jnp.float32):
+        if _pending.draws is None:
+            return init(key, shape, dtype)
+        placeholder = jnp.zeros(shape, dtype)
+        _pending.draws.append((signature, init, key, tuple(shape), jnp.dtype(dtype), placeholder))
+        return placeholder
+
+    return draw
+
+
+# Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's kaiming_uniform_(a=sqrt(5)) for weights (fan_in from the shape).
+_torch_kernel_init = _batchable(nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), ("kernel",))
 
 
 def _torch_bias_init(fan_in: int) -> Callable:
@@ -27,7 +95,7 @@ def _torch_bias_init(fan_in: int) -> Callable:
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+    return _batchable(init, ("bias", fan_in))
 
 
 def conv_as_matmul(
