@@ -178,6 +178,7 @@ def compile_step(
     (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after)."""
     import jax
 
+    from uncond_flax.compile_cache import jax_cache_hits
     from uncond_flax.config import noise_scheduler_for
     from uncond_flax.flops import step_flops
     from uncond_flax.optim import lr_schedule_for, make_optimizer
@@ -226,10 +227,10 @@ def compile_step(
     traced = jitted.trace(state, batch_spec)
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
-    hits = _cache_hits()
+    hits = jax_cache_hits()
     compiled = lowered.compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
-    _step_from_cache[0] = _cache_hits() > hits
+    _step_from_cache[0] = jax_cache_hits() > hits
     _say(
         f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s"
         + (" (loaded from JAX's compilation cache: not a compile time)" if _step_from_cache[0] else "")
@@ -237,22 +238,7 @@ def compile_step(
     return compiled, state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
 
 
-_events: dict[str, int] = {}
 _step_from_cache = [False]  # whether compile_step's last program came from JAX's persistent cache
-
-
-def _count_event(event: str, **_: Any) -> None:
-    _events[event] = _events.get(event, 0) + 1
-
-
-def _cache_hits() -> int:
-    """Programs served by JAX's persistent compilation cache so far in this process."""
-    import jax
-
-    if not _events.get("listening"):
-        jax.monitoring.register_event_listener(_count_event)
-        _events["listening"] = 1
-    return _events.get("/jax/compilation_cache/cache_hits", 0)
 
 
 def _op_kind(name: str) -> str:

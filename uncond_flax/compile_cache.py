@@ -234,6 +234,12 @@ def _count_hit(event: str, **_: object) -> None:
 monitoring.register_event_listener(_count_hit)
 
 
+def jax_cache_hits() -> int:
+    """Programs JAX's persistent compilation cache has served to this thread so far (compare before and after a
+    compile to tell whether the cache served it)."""
+    return getattr(_hits, "count", 0)
+
+
 def _locate(name: str, args: Any, shardings: Any, inputs: Any, compiler_options: Any) -> tuple[str | None, str | None]:
     """(key, file) of the program; (None, None) where programs are not kept."""
     folder = executables_dir()
@@ -317,12 +323,12 @@ def compile_or_load(
     if found is not None:
         return found
     traced = jitted.trace(*args)
-    hits = getattr(_hits, "count", 0)
+    hits = jax_cache_hits()
     compiled = traced.lower().compile(compiler_options=compiler_options)
     facts = info(traced)
     if path is None:
         return compiled, facts, None
-    if getattr(_hits, "count", 0) > hits:
+    if jax_cache_hits() > hits:
         # XLA:CPU cannot save again a program it loaded: the copy lacks some of its compiled functions, and runs into
         # "Function ... not found". Only a program compiled here is kept.
         logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)
