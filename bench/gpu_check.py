@@ -278,9 +278,13 @@ def _op_events(plane: Any) -> list[tuple[str, int]]:
 _HOST_NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ")
 
 
-def op_breakdown(run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12) -> dict[str, Any]:
+def op_breakdown(
+    run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12, keep_trace: str | None = None
+) -> dict[str, Any]:
     """Where a step's time goes: `steps` calls of `run_step` (each waits for its step) under jax.profiler, XLA's
-    ops grouped by kind, per step. `busy` is op time over wall time (above 1 where a CPU runs ops in parallel)."""
+    ops grouped by kind, per step. `busy` is op time over wall time (above 1 where a CPU runs ops in parallel).
+    `keep_trace`: a path the trace (.xplane.pb: host threads and device streams) is copied to, for a closer look
+    (`jax.profiler.ProfileData.from_file`, or TensorBoard's profile plugin)."""
     import glob
     import tempfile
 
@@ -294,6 +298,9 @@ def op_breakdown(run_step: Callable[[], Any], steps: int, step_s: float, top: in
         finally:
             jax.profiler.stop_trace()
         (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if keep_trace:
+            os.makedirs(os.path.dirname(os.path.abspath(keep_trace)), exist_ok=True)
+            shutil.copyfile(path, keep_trace)
         data = jax.profiler.ProfileData.from_file(path)
         events = [e for plane in data.planes for e in _op_events(plane)]
     total: dict[str, float] = {}
@@ -312,16 +319,24 @@ def op_breakdown(run_step: Callable[[], Any], steps: int, step_s: float, top: in
 
 
 def jax_step(
-    config: Any, steps: int, profile_steps: int = 0, report: Callable[[dict[str, Any]], None] | None = None
+    config: Any,
+    steps: int,
+    profile_steps: int = 0,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    keep_trace: str | None = None,
 ) -> dict[str, Any]:
     """Compile and time our real train step on random uint8 images: FLOPs, MFU, memory; then, with
-    `profile_steps`, where the step's time goes (`op_breakdown`), after handing the timings to `report`."""
+    `profile_steps`, where the step's time goes (`op_breakdown`, its trace copied to `keep_trace`), after handing
+    the timings to `report`."""
     import jax
     import numpy as np
 
     from uncond_flax.flops import mfu, peak_flops
 
+    from uncond_flax.step import step_compiler_options
+
     compiled, state, images_sharding, compile_s, flops = compile_step(config)
+    _say(f"  the step's compiler options: {step_compiler_options()}")
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
@@ -344,6 +359,7 @@ def jax_step(
         "batch": batch,
         "compile_s": compile_s,
         "compile_from_cache": _step_from_cache[0],
+        "compiler_options": step_compiler_options(),
         "step_s": seconds,
         "img_per_s": batch / seconds,
         "flops_per_step": flops,
@@ -370,7 +386,7 @@ def jax_step(
             jax.block_until_ready(step_metrics)
 
         try:
-            result["profile"] = op_breakdown(run_step, profile_steps, seconds)
+            result["profile"] = op_breakdown(run_step, profile_steps, seconds, keep_trace=keep_trace)
         except Exception as e:  # noqa: BLE001 -- a profiler that cannot start must not cost the timings
             result["profile"] = {"error": f"{type(e).__name__}: {one_line(e)[:200]}"}
         _say(_profile_line(result["profile"]))
@@ -395,8 +411,17 @@ def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
         + (", gradient checkpointing" if args.gradient_checkpointing else "")
         + "".join(f", {field}={value!r}" for field, value in args.set)
     )
+    keep_trace = None
+    if args.trace_dir:
+        label = re.sub(r"[^\w.-]", "_", "".join(f"-{field}-{value}" for field, value in args.set))
+        name = f"jax-step-{args.precision}-b{args.batch or sizes['batch']}{label}.xplane.pb"
+        keep_trace = os.path.join(args.trace_dir, name)
     return jax_step(
-        config, args.steps or sizes["steps"], args.profile_steps, report=lambda result: _report("jax-step", result)
+        config,
+        args.steps or sizes["steps"],
+        args.profile_steps,
+        report=lambda result: _report("jax-step", result),
+        keep_trace=keep_trace,
     )
 
 
@@ -738,7 +763,12 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
     common = ["--preset", preset] + (["--batch", str(args.batch)] if args.batch else [])
     common += ["--steps", str(args.steps)] if args.steps else []
     common += [f"--set={field}={value!r}" for field, value in args.set]  # the config both UNets are built from
-    run("jax-step:bf16", "jax-step", [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps)])
+    traces = ["--trace-dir", args.trace_dir] if args.trace_dir else []
+    run(
+        "jax-step:bf16",
+        "jax-step",
+        [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps), *traces],
+    )
     # JAX on the CPU there: it would otherwise take most of the GPU's memory before torch starts.
     run("torch-step", "torch-step", common, env={"JAX_PLATFORMS": "cpu"})
     train_steps = ["--train-steps", str(args.train_steps)] if args.train_steps else []
@@ -796,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile-steps", type=int, default=3, help="jax-step: steps traced for the op breakdown (0: none)"
+    )
+    parser.add_argument(
+        "--trace-dir", default=None, help="jax-step: keep the profiled steps' trace (.xplane.pb) in this folder"
     )
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit")
     parser.add_argument(

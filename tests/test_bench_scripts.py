@@ -32,18 +32,22 @@ def test_jax_and_torch_steps_measure_the_same_unet():
     assert ours["img_per_s"] > 0 and theirs["img_per_s"] > 0
 
 
-def test_op_breakdown_counts_the_ops_a_program_runs():
+def test_op_breakdown_counts_the_ops_a_program_runs(tmp_path):
     x = jax.device_put(np.ones((4, 16, 16, 8), np.float32), jax.devices()[0])
     w = jax.device_put(np.ones((3, 3, 8, 8), np.float32), jax.devices()[0])
     conv = jax.jit(
         lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     )
     conv(x, w).block_until_ready()
-    profile = gpu_check.op_breakdown(lambda: conv(x, w).block_until_ready(), steps=3, step_s=1.0)
+    kept = tmp_path / "traces" / "conv.xplane.pb"
+    profile = gpu_check.op_breakdown(lambda: conv(x, w).block_until_ready(), steps=3, step_s=1.0, keep_trace=kept)
     kinds = {kind: (ms, count) for kind, ms, count, _ in profile["ops"]}
     conv_kinds = [kind for kind in kinds if "conv" in kind]
     assert len(conv_kinds) == 1 and kinds[conv_kinds[0]][1] == 1, profile  # one convolution per call
     assert 0 < profile["op_ms_per_step"] < 1e3 and sum(share for *_, share in profile["ops"]) <= 1.0 + 1e-6
+    # The kept trace is the one measured: its three convolutions, for a closer look later.
+    events = [e for plane in jax.profiler.ProfileData.from_file(str(kept)).planes for e in gpu_check._op_events(plane)]
+    assert sum(gpu_check._op_kind(name) == conv_kinds[0] for name, _ in events) == 3
 
 
 def test_op_kinds_group_cpu_and_gpu_names():
@@ -125,6 +129,28 @@ def test_driver_hands_set_to_the_sections_that_build_the_unet(tmp_path):
     assert params(wider) != params([])
     results, _ = _drive(tmp_path, "--sections", "torch-step", "--steps", "1", "--set", "model.layers_per_block=2")
     assert results["torch-step"]["params"] == params(wider)
+
+
+def test_trace_dir_keeps_each_profiled_steps_trace(tmp_path, monkeypatch):
+    traces = tmp_path / "traces"
+    # A section keeps its trace under a name that tells the variants apart.
+    argv = ["--section", "jax-step", "--preset", "tiny", "--precision", "no", "--batch", "16", "--steps", "1"]
+    gpu_check.main([*argv, "--profile-steps", "1", "--trace-dir", str(traces), "--set", "grad_norm_reduction=concat"])
+    (kept,) = traces.iterdir()
+    assert kept.name == "jax-step-no-b16-grad_norm_reduction-concat.xplane.pb"  # no "=": the device run refused it
+    events = [e for plane in jax.profiler.ProfileData.from_file(str(kept)).planes for e in gpu_check._op_events(plane)]
+    assert any("conv" in name for name, _ in events)
+    # The driver hands the folder to the profiled jax-step section, and to no other.
+    calls = {}
+
+    def record(name, argv, *_):
+        calls.setdefault(name, []).append(argv)
+        return {"section": name, "error": "recorded, not run"}
+
+    monkeypatch.setattr(gpu_check, "run_section", record)
+    gpu_check.main(["--sections", "jax-step,torch-step", "--preset", "tiny", "--trace-dir", str(traces)])
+    bf16, fp32 = calls["jax-step"]
+    assert bf16[bf16.index("--trace-dir") + 1] == str(traces) and "--trace-dir" not in fp32 + calls["torch-step"][0]
 
 
 def test_driver_sections_share_one_compilation_cache(tmp_path):
