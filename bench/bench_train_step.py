@@ -99,7 +99,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     images = jax.device_put(images, images_sharding)
-    holder = [state]
+    holder = [jax.tree.leaves(state)]  # the step's form of the state (jit_train_step)
 
     def run() -> None:
         holder[0], metrics = step(holder[0], images)

@@ -173,8 +173,9 @@ def compile_step(
     config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None, keep: bool = False
 ) -> tuple[Any, Any, Any, float, float | None]:
     """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
-    trainer's step, shardings and donation, on `mesh` (default: every device). Programs are equal for equal configs,
-    so a second call is served by the compilation cache. `keep`: as the trainer does it
+    trainer's step, shardings and donation, on `mesh` (default: every device). The step takes and returns the
+    state's leaves, as the trainer's does: `leaves, metrics = step(jax.tree.leaves(state), images)`. Programs are
+    equal for equal configs, so a second call is served by the compilation cache. `keep`: as the trainer does it
     (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after)."""
     import jax
 
@@ -209,22 +210,23 @@ def compile_step(
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     start = time.perf_counter()
     batch_spec = jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)
+    leaves = jax.tree.leaves(state)  # the step's form of the state (jit_train_step)
     if keep:
         from uncond_flax.compile_cache import compile_or_load
         from uncond_flax.step import step_program_inputs
 
         compiled, facts, loaded = compile_or_load(
             jitted,
-            (state, batch_spec),
+            (leaves, batch_spec),
             name="train_step",
-            shardings=(shardings, images_sharding),
+            shardings=(jax.tree.leaves(shardings), images_sharding),
             inputs=step_program_inputs(config, 10_000),
             info=lambda traced: {"flops": step_flops(traced, mesh.devices.size)},
         )
         seconds = time.perf_counter() - start
         _say(f"  {'loaded, untraced,' if loaded else 'traced, lowered and compiled'} in {seconds:.1f} s")
         return compiled, state, images_sharding, seconds, facts.get("flops")
-    traced = jitted.trace(state, batch_spec)
+    traced = jitted.trace(leaves, batch_spec)
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
     hits = jax_cache_hits()
@@ -278,6 +280,21 @@ def _op_events(plane: Any) -> list[tuple[str, int]]:
 _HOST_NOT_OPS = ("ThunkExecutor", "ThreadpoolListener", "end: ")
 
 
+def _host_events(plane: Any) -> list[tuple[str, int]]:
+    """(name, duration ns) of what the host's own threads did, Python's frames ("$file:line name") left out: the
+    runtime's calls (jit dispatch, argument handling, XLA's Execute, kernel and CUDA-graph launches). Not XLA:CPU's
+    op threads (`_op_events`)."""
+    if plane.name != "/host:CPU":
+        return []
+    return [
+        (e.name, e.duration_ns)
+        for line in plane.lines
+        if not line.name.startswith("tf_XLA")
+        for e in line.events
+        if not e.name.startswith("$")
+    ]
+
+
 def op_breakdown(
     run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12, keep_trace: str | None = None
 ) -> dict[str, Any]:
@@ -303,6 +320,7 @@ def op_breakdown(
             shutil.copyfile(path, keep_trace)
         data = jax.profiler.ProfileData.from_file(path)
         events = [e for plane in data.planes for e in _op_events(plane)]
+        host = [e for plane in data.planes for e in _host_events(plane)]
     total: dict[str, float] = {}
     count: dict[str, int] = {}
     for name, duration in events:
@@ -311,10 +329,21 @@ def op_breakdown(
         count[kind] = count.get(kind, 0) + 1
     op_ms = sum(total.values())
     kinds = sorted(total, key=total.get, reverse=True)[:top]
+    host_ms: dict[str, float] = {}
+    host_count: dict[str, int] = {}
+    for name, duration in host:
+        kind = _op_kind(name)
+        host_ms[kind] = host_ms.get(kind, 0.0) + duration / 1e6 / steps
+        host_count[kind] = host_count.get(kind, 0) + 1
     return {
         "op_ms_per_step": op_ms,
         "busy": op_ms / 1e3 / step_s if step_s else None,
         "ops": [[k, round(total[k], 3), count[k] // steps, round(total[k] / op_ms, 4)] for k in kinds],
+        # What the host does per step, inclusive (an event's time holds the events inside it): launches, graphs.
+        "host": [
+            [k, round(host_ms[k], 3), host_count[k] // steps]
+            for k in sorted(host_ms, key=host_ms.get, reverse=True)[:top]
+        ],
     }
 
 
@@ -337,6 +366,8 @@ def jax_step(
 
     compiled, state, images_sharding, compile_s, flops = compile_step(config)
     _say(f"  the step's compiler options: {step_compiler_options()}")
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    state = jax.tree.leaves(state)  # the step's form (jit_train_step); donated from the first step on
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
@@ -368,7 +399,7 @@ def jax_step(
         "mfu": utilisation,
         "peak_memory_gib": (_peak_bytes(device) or 0) / 2**30 or None,
         "loss": loss,
-        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "params": params,
         "gradient_checkpointing": bool(config.get("gradient_checkpointing", False)),
     }
     _say(
@@ -399,7 +430,11 @@ def _profile_line(profile: dict[str, Any], top: int = 6) -> str:
     if not profile["ops"]:
         return "  profile: no op events in the trace (an older XLA:CPU: XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)"
     ops = ", ".join(f"{kind} {share:.0%}" for kind, _, _, share in profile["ops"][:top])
-    return f"  profile: {profile['op_ms_per_step']:.1f} ms of ops per step (busy {profile['busy']:.2f}): {ops}"
+    line = f"  profile: {profile['op_ms_per_step']:.1f} ms of ops per step (busy {profile['busy']:.2f}): {ops}"
+    if profile.get("host"):
+        host = "; ".join(f"{kind} {ms:.2f} ms ({n}x)" for kind, ms, n in profile["host"][:top])
+        line += f"\n  host, per step (inclusive): {host}"
+    return line
 
 
 def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -536,6 +571,7 @@ def tiny_train(steps: int, batch: int = 64, seed: int = 0) -> dict[str, Any]:
     config = bench_config("tiny", "no", batch)
     data, source = training_images(config.resolution)
     step_fn, state, images_sharding, _, _ = compile_step(config)
+    state = jax.tree.leaves(state)  # the step's form (jit_train_step)
     rng = np.random.default_rng(seed)
     global_batch = config.train_batch_size * jax.device_count()
     losses = []

@@ -45,9 +45,21 @@ def test_op_breakdown_counts_the_ops_a_program_runs(tmp_path):
     conv_kinds = [kind for kind in kinds if "conv" in kind]
     assert len(conv_kinds) == 1 and kinds[conv_kinds[0]][1] == 1, profile  # one convolution per call
     assert 0 < profile["op_ms_per_step"] < 1e3 and sum(share for *_, share in profile["ops"]) <= 1.0 + 1e-6
+    # The host's side: the runtime's calls per step (jit dispatch, XLA's Execute), Python's frames left out.
+    host = {kind: count for kind, _, count in profile["host"]}
+    assert any("Execute" in kind for kind in host) and not any(kind.startswith("$") for kind in host), host
+    assert "host, per step (inclusive): " in gpu_check._profile_line(profile)
     # The kept trace is the one measured: its three convolutions, for a closer look later.
     events = [e for plane in jax.profiler.ProfileData.from_file(str(kept)).planes for e in gpu_check._op_events(plane)]
     assert sum(gpu_check._op_kind(name) == conv_kinds[0] for name, _ in events) == 3
+
+
+def test_dispatch_bench_times_both_forms_of_the_state(capsys):
+    import bench_dispatch
+
+    times = bench_dispatch.identity_calls("small", calls=3, rounds=2)
+    assert set(times) == {"TrainState", "leaves"} and all(len(v) == 2 and min(v) > 0 for v in times.values())
+    assert "small UNet's state: " in capsys.readouterr().out
 
 
 def test_op_kinds_group_cpu_and_gpu_names():

@@ -112,7 +112,8 @@ def test_train_step_program_grows_linearly_with_the_parameter_leaves():
     )
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = (1, config.train_batch_size, 8, 8, 1)
-    text = jitted.lower(abstract, jax.ShapeDtypeStruct(batch, "uint8", sharding=images_sharding)).compile().as_text()
+    images = jax.ShapeDtypeStruct(batch, "uint8", sharding=images_sharding)
+    text = jitted.lower(jax.tree.leaves(abstract), images).compile().as_text()
     leaves = len(jax.tree_util.tree_leaves(abstract.params))
     # 74 leaves: about 300 `and`s with one flag, about 17,000 with a copy of the chain in every update.
     assert text.count(" and(") < 10 * leaves, text.count(" and(")

@@ -281,7 +281,7 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
     )
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = jax.ShapeDtypeStruct((1, config.train_batch_size, 8, 8, 1), "uint8", sharding=images_sharding)
-    lowered = jitted.trace(abstract, batch).lower()
+    lowered = jitted.trace(jax.tree.leaves(abstract), batch).lower()
     # The same program with YNNPACK's convolutions back on: the check below would see them.
     conv_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     with_ynn_convs = {k: f"{v},{conv_type}" for k, v in CPU_STEP_COMPILER_OPTIONS.items()}
@@ -290,3 +290,42 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
         pytest.skip("this XLA gives YNNPACK no float32 convolutions: nothing to keep out")
     convs, in_ynn = _convolutions_in_ynn_fusions(lowered.compile().as_text())
     assert convs >= 6 and in_ynn == 0 and control >= 6, (convs, in_ynn, control)
+
+
+def test_the_jitted_step_takes_and_returns_the_states_leaves(tmp_path):
+    # No flax Variable crosses the call (each would be flattened and rebuilt in Python, every step): a list of
+    # arrays in, the same list out, and the same numbers as the step jitted on the TrainState.
+    from uncond_flax.config import noise_scheduler_for
+    from uncond_flax.optim import lr_schedule_for
+    from uncond_flax.parallel import replicated
+    from uncond_flax.step import jit_train_step, make_train_step, state_from_leaves, step_compiler_options
+    from uncond_flax.train_state import create_train_state
+
+    config = resolve_config(tiny_config(tmp_path, use_ema=True))
+    mesh, tx = make_mesh(devices=jax.devices()[:1]), make_optimizer(config, 10)
+    graphdef, _, state, shardings = create_train_state(config, mesh, tx)
+    step_fn = make_train_step(
+        graphdef, tx=tx, lr_fn=lr_schedule_for(config, 10), noise_scheduler=noise_scheduler_for(config), config=config
+    )
+    on_leaves, images_sharding = jit_train_step(step_fn, shardings, mesh)
+    on_state = jax.jit(
+        step_fn,
+        in_shardings=(shardings, images_sharding),
+        out_shardings=(shardings, replicated(mesh)),
+        compiler_options=step_compiler_options(),
+    )
+    images = np.random.default_rng(0).integers(0, 256, (1, config.train_batch_size, 8, 8, 1), np.uint8)
+    images = jax.device_put(images, images_sharding)
+    leaves = jax.tree.leaves(jax.tree.map(jnp.copy, state))
+    expected, expected_metrics = state, None
+    for _ in range(2):
+        expected, expected_metrics = on_state(expected, images)
+        leaves, metrics = on_leaves(leaves, images)
+    assert type(leaves) is list and jax.tree.structure(leaves) == jax.tree.structure([0] * len(leaves))
+    assert len(leaves) == len(jax.tree.leaves(expected)) > 3 * len(jax.tree.leaves(expected.params))  # + Adam, EMA
+    got = state_from_leaves(shardings, leaves)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in expected_metrics.items()}
+    assert int(got.step) == 2 and float(metrics["loss"]) > 0
