@@ -83,23 +83,18 @@ def step_calls(model: str, calls: int, rounds: int) -> dict[str, list[float]]:
     import jax
     import numpy as np
 
-    from uncond_flax.config import noise_scheduler_for
-    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from gpu_check import train_step_fn
+
+    from uncond_flax.optim import make_optimizer
     from uncond_flax.parallel import make_mesh, replicated
-    from uncond_flax.step import jit_train_step, make_train_step, step_compiler_options
+    from uncond_flax.step import jit_train_step, step_compiler_options
     from uncond_flax.train_state import create_train_state
 
     config = _config(model)
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(config, 10_000)
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
-    step_fn = make_train_step(
-        graphdef,
-        tx=tx,
-        lr_fn=lr_schedule_for(config, 10_000),
-        noise_scheduler=noise_scheduler_for(config),
-        config=config,
-    )
+    step_fn = train_step_fn(config, graphdef, tx)
     on_leaves, images_sharding = jit_train_step(step_fn, shardings, mesh)
     on_state = jax.jit(
         step_fn,

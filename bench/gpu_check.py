@@ -169,6 +169,17 @@ def _peak_bytes(device: Any) -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
+def train_step_fn(config: Any, graphdef: Any, tx: Any) -> Callable:
+    """The trainer's step function (`make_train_step`), before jit, with the schedule of `bench_config`'s
+    constant_with_warmup lr (the program does not depend on the number of steps)."""
+    from uncond_flax.config import noise_scheduler_for
+    from uncond_flax.optim import lr_schedule_for
+    from uncond_flax.step import make_train_step
+
+    schedule = lr_schedule_for(config, 10_000)
+    return make_train_step(graphdef, tx=tx, lr_fn=schedule, noise_scheduler=noise_scheduler_for(config), config=config)
+
+
 def compile_step(
     config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None, keep: bool = False
 ) -> tuple[Any, Any, Any, float, float | None]:
@@ -180,11 +191,10 @@ def compile_step(
     import jax
 
     from uncond_flax.compile_cache import jax_cache_hits
-    from uncond_flax.config import noise_scheduler_for
     from uncond_flax.flops import step_flops
-    from uncond_flax.optim import lr_schedule_for, make_optimizer
+    from uncond_flax.optim import make_optimizer
     from uncond_flax.parallel import make_mesh
-    from uncond_flax.step import jit_train_step, make_train_step
+    from uncond_flax.step import jit_train_step
     from uncond_flax.train_state import create_train_state
 
     mesh = make_mesh() if mesh is None else mesh
@@ -198,13 +208,7 @@ def compile_step(
     # run as compile time.
     jax.block_until_ready(state)
     _say(f"  state created in {time.perf_counter() - start:.1f} s")
-    step_fn = make_train_step(
-        graphdef,
-        tx=tx,
-        lr_fn=lr_schedule_for(config, 10_000),
-        noise_scheduler=noise_scheduler_for(config),
-        config=config,
-    )
+    step_fn = train_step_fn(config, graphdef, tx)
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = config.train_batch_size * mesh.devices.size
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
@@ -295,6 +299,17 @@ def _host_events(plane: Any) -> list[tuple[str, int]]:
     ]
 
 
+def _by_kind(events: list[tuple[str, int]], steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """(ms per step, events) of each kind (`_op_kind`) among (name, duration ns) events of `steps` steps."""
+    ms: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for name, duration in events:
+        kind = _op_kind(name)
+        ms[kind] = ms.get(kind, 0.0) + duration / 1e6 / steps
+        count[kind] = count.get(kind, 0) + 1
+    return ms, count
+
+
 def op_breakdown(
     run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12, keep_trace: str | None = None
 ) -> dict[str, Any]:
@@ -321,20 +336,10 @@ def op_breakdown(
         data = jax.profiler.ProfileData.from_file(path)
         events = [e for plane in data.planes for e in _op_events(plane)]
         host = [e for plane in data.planes for e in _host_events(plane)]
-    total: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for name, duration in events:
-        kind = _op_kind(name)
-        total[kind] = total.get(kind, 0.0) + duration / 1e6 / steps
-        count[kind] = count.get(kind, 0) + 1
+    total, count = _by_kind(events, steps)
     op_ms = sum(total.values())
     kinds = sorted(total, key=total.get, reverse=True)[:top]
-    host_ms: dict[str, float] = {}
-    host_count: dict[str, int] = {}
-    for name, duration in host:
-        kind = _op_kind(name)
-        host_ms[kind] = host_ms.get(kind, 0.0) + duration / 1e6 / steps
-        host_count[kind] = host_count.get(kind, 0) + 1
+    host_ms, host_count = _by_kind(host, steps)
     return {
         "op_ms_per_step": op_ms,
         "busy": op_ms / 1e3 / step_s if step_s else None,
