@@ -2,6 +2,7 @@
 
     python bench/bench_dispatch.py                      # the default UNet's state, then the digits demo's real step
     taskset -c 0 python bench/bench_dispatch.py --calls 100
+    python bench/bench_dispatch.py --step-model default --batch 64 --precision bf16 --calls 20   # on a GPU
 
 Every call of a jitted function flattens its arguments and builds its results. The TrainState keeps each array in a
 flax Variable, flattened and rebuilt in Python, so the call costs host time in proportion to the leaves (1,356 for
@@ -26,12 +27,19 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
-def _config(model: str):
+# Per-device batch of each model's step when --batch is not given: the digits demo's, the small and default
+# UNets' CPU benchmark sizes (on an H100 the default's is 64: --batch 64 --precision bf16).
+BATCHES = {"digits": 64, "small": 16, "default": 4}
+
+
+def _config(model: str, batch: int | None = None, precision: str = "no"):
+    from bench_train_step import MODELS
     from bench_train_step import _config as bench_config
 
     from uncond_flax.config import resolve_config
 
-    config = bench_config(model, 64 if model == "digits" else 4, 8 if model == "digits" else 64)
+    config = bench_config(model, batch or BATCHES[model], MODELS[model]["resolution"])
+    config.mixed_precision = precision
     return resolve_config(config)
 
 
@@ -79,7 +87,9 @@ def identity_calls(model: str, calls: int, rounds: int) -> dict[str, list[float]
     return times
 
 
-def step_calls(model: str, calls: int, rounds: int) -> dict[str, list[float]]:
+def step_calls(
+    model: str, calls: int, rounds: int, batch: int | None = None, precision: str = "no"
+) -> dict[str, list[float]]:
     import jax
     import numpy as np
 
@@ -90,7 +100,7 @@ def step_calls(model: str, calls: int, rounds: int) -> dict[str, list[float]]:
     from uncond_flax.step import jit_train_step, step_compiler_options
     from uncond_flax.train_state import create_train_state
 
-    config = _config(model)
+    config = _config(model, batch, precision)
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(config, 10_000)
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
@@ -141,7 +151,9 @@ def _print(title: str, times: dict[str, list[float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", choices=["default", "small", "digits"])
-    parser.add_argument("--step-model", default="digits", choices=["digits", "small", "none"])
+    parser.add_argument("--step-model", default="digits", choices=["digits", "small", "default", "none"])
+    parser.add_argument("--batch", type=int, default=None, help=f"the step's batch (default: {BATCHES})")
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="the step's")
     parser.add_argument("--calls", type=int, default=50, help="calls per timed block")
     parser.add_argument("--rounds", type=int, default=5, help="timed blocks per form (median reported)")
     args = parser.parse_args()
@@ -153,7 +165,7 @@ def main() -> None:
         identity_calls(args.model, args.calls, args.rounds),
     )
     if args.step_model != "none":
-        times = step_calls(args.step_model, args.calls, args.rounds)
+        times = step_calls(args.step_model, args.calls, args.rounds, args.batch, args.precision)
         _print(f"the {args.step_model} UNet's train step (the state donated):", times)
 
 
