@@ -372,19 +372,19 @@ def jax_step(
     compiled, state, images_sharding, compile_s, flops = compile_step(config)
     _say(f"  the step's compiler options: {step_compiler_options()}")
     params = sum(x.size for x in jax.tree.leaves(state.params))
-    state = jax.tree.leaves(state)  # the step's form (jit_train_step); donated from the first step on
+    leaves = jax.tree.leaves(state)  # the step's form (jit_train_step); donated from the first step on
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
     _say(f"  compile {compile_s:.1f} s; {flops or 0:.3e} FLOPs per step per device")
     for i in range(2):  # warm-up: first runs allocate (and on GPU may autotune); timed one by one, printed as they go
         start = time.perf_counter()
-        state, metrics = compiled(state, images)
+        leaves, metrics = compiled(leaves, images)
         jax.block_until_ready(metrics)
         _say(f"  warm-up step {i + 1}: {time.perf_counter() - start:.3f} s")
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, images)
+        leaves, metrics = compiled(leaves, images)
     loss = float(metrics["loss"])  # waits for the last step
     seconds = (time.perf_counter() - start) / steps
     device = jax.devices()[0]
@@ -415,7 +415,7 @@ def jax_step(
     if profile_steps:
         if report:  # a section cut short while profiling keeps its timings
             report(dict(result))
-        holder = [state]
+        holder = [leaves]
 
         def run_step() -> None:
             holder[0], step_metrics = compiled(holder[0], images)
@@ -576,14 +576,14 @@ def tiny_train(steps: int, batch: int = 64, seed: int = 0) -> dict[str, Any]:
     config = bench_config("tiny", "no", batch)
     data, source = training_images(config.resolution)
     step_fn, state, images_sharding, _, _ = compile_step(config)
-    state = jax.tree.leaves(state)  # the step's form (jit_train_step)
+    leaves = jax.tree.leaves(state)  # the step's form (jit_train_step)
     rng = np.random.default_rng(seed)
     global_batch = config.train_batch_size * jax.device_count()
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
         images = jax.device_put(data[rng.integers(0, len(data), global_batch)][None], images_sharding)
-        state, metrics = step_fn(state, images)
+        leaves, metrics = step_fn(leaves, images)
         losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
     seconds = time.perf_counter() - start

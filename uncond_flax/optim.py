@@ -81,10 +81,10 @@ def lr_schedule_for(config: Any, num_training_steps: int) -> optax.Schedule:
 # How the gradient norm is reduced (the `grad_norm_reduction` config field); the same norm up to float32 rounding.
 # "per_leaf" is torch's clip_grad_norm_: each leaf's norm, then the norm of those. "concat" lays all leaves end to end
 # and reduces once: for the default UNet's 450 leaves, 2 fused ops instead of ~550 kernels on an H100 (1,199 fusions
-# on CPU). At batch 64 that GPU sat idle 45 % of the step while its host launched ~3,180 kernels (README,
-# Benchmarks); the gain there is not measured yet. On CPU the norm alone is 9x slower (380 instead of 42 ms: it
-# copies the 455 MB of gradients), the whole step no slower measurably (5.73 against 5.90 s at batch 4). With
-# fsdp > 1 the copy gathers the sharded gradients.
+# on CPU). At batch 64 that GPU sat idle 39-45 % of the step waiting for its host (README, Benchmarks); measured there
+# only together with a concatenated AdamW update (a variant, dropped): 43.3 against 45.7 ms, within what one run can
+# tell. On CPU the norm alone is 9x slower (380 instead of 42 ms: it copies the 455 MB of gradients), the whole step
+# no slower measurably (5.73 against 5.90 s at batch 4). With fsdp > 1 the copy gathers the sharded gradients.
 GRAD_NORM_REDUCTIONS = ("per_leaf", "concat")
 
 
