@@ -12,6 +12,7 @@
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
         --jax "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"   # one lever each
     taskset -c 0 python bench/bench_train_step.py --clock cpu       # on a busy shared machine
+    python bench/bench_train_step.py --cpu-memory default          # JAX's own: a fresh scratch buffer every step
 
 Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + global-norm clipping, the
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
@@ -131,10 +132,20 @@ def main() -> None:
         "--accumulation-steps", type=int, default=1, help="micro-batches per step, ours only (torch is not run)"
     )
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time")
+    parser.add_argument(
+        "--cpu-memory",
+        default="reuse",
+        choices=["reuse", "default"],
+        help="reuse: as the trainer runs (cpu_reuse_memory: steps inline, freed memory kept); default: JAX's defaults",
+    )
     args = parser.parse_args()
     if min(args.steps, args.batch_size, args.accumulation_steps) < 1:
         parser.error("--steps, --batch-size and --accumulation-steps must be >= 1")
     _set_isa(args.isa)
+    if args.cpu_memory == "reuse":  # the trainer's setting (cpu_reuse_memory), process-wide: torch's side too
+        from uncond_flax.cpu_runtime import reuse_cpu_memory
+
+        reuse_cpu_memory()
     resolution = args.resolution or MODELS[args.model]["resolution"]
     config = _config(args.model, args.batch_size, resolution)
     config.gradient_accumulation_steps = args.accumulation_steps
@@ -163,7 +174,7 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"{args.model} UNet, {resolution} px, batch {args.batch_size} x {args.accumulation_steps} micro-batches, "
-        f"fp32, {args.clock} clock, isa={args.isa}; "
+        f"fp32, {args.clock} clock, isa={args.isa}, cpu memory {args.cpu_memory}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     )

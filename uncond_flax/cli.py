@@ -297,6 +297,7 @@ def _is_leftover_noise(error: BaseException | None) -> bool:
 def _train(config, prog: str, verbose: bool) -> int:
     import logging as pylogging
 
+    import jax
     from absl import logging
 
     from uncond_flax.checkpointing import PREEMPTED_EXIT_CODE, Preempted
@@ -316,6 +317,10 @@ def _train(config, prog: str, verbose: bool) -> int:
     if settle_early_sigterm():
         print(f"{prog}: preempted before training started: nothing saved; run the same command again", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    if config.get("cpu_reuse_memory", True) and not jax.distributed.is_initialized():
+        from uncond_flax.cpu_runtime import reuse_cpu_memory
+
+        reuse_cpu_memory()  # before JAX's backend starts; only this process runs here
     try:
         train_and_evaluate(config)
     except (ConfigError, TrainingError) as e:
