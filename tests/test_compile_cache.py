@@ -427,6 +427,7 @@ def test_the_steps_key_holds_every_field_but_the_loops_own_and_no_credentials(tm
     same = resolve_config(tiny_digits.get_config())
     same.update(output_dir=str(tmp_path), resume_from_checkpoint="latest", save_images_epochs=3, log_every=1)
     same.update(hub_token="hf_secret_value", push_to_hub=True, hub_model_id="me/model", checkpointing_steps=7)
+    same.update(cpu_reuse_memory=False)
     assert step_program_inputs(same, 10) == inputs
     assert "hf_secret_value" not in repr(step_program_inputs(same, 10))
     for field, value in [("learning_rate", 5e-4), ("seed", 1), ("mixed_precision", "bf16"), ("use_ema", True)]:

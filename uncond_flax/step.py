@@ -204,6 +204,7 @@ NOT_READ_BY_THE_STEP = frozenset(
         "hub_private_repo",
         "max_consecutive_skips",
         "compilation_cache_dir",
+        "cpu_reuse_memory",  # how the process runs programs and keeps memory, not what the step computes
         "dataloader_num_workers",
         "cache_dir",
         "decode_cache",
