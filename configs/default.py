@@ -155,11 +155,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = ml_collections.FieldReference("auto", field_type=str)
     # On a CPU (one process): the train step runs on the calling thread and glibc keeps the memory it frees, so
     # XLA's scratch buffer is reused, not faulted in anew at every step (uncond_flax.cpu_runtime): the small
-    # benchmark UNet's step in 0.75x the time. Process-wide; resident memory stays at its peak.
+    # benchmark UNet's step in 0.82x the time. Process-wide; resident memory stays at its peak.
     c.cpu_reuse_memory = True
     # On a CPU (one process): the train step runs on the calling thread and glibc keeps the memory it frees, so
     # XLA's scratch buffer is reused, not faulted in anew at every step (uncond_flax.cpu_runtime): the small
-    # benchmark UNet's step in 0.75x the time. Process-wide; resident memory stays at its peak.
+    # benchmark UNet's step in 0.82x the time. Process-wide; resident memory stays at its peak.
     c.cpu_reuse_memory = True
 
     # --- parallelism ---
