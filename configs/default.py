@@ -157,10 +157,6 @@ def get_config() -> ml_collections.ConfigDict:
     # XLA's scratch buffer is reused, not faulted in anew at every step (uncond_flax.cpu_runtime): the small
     # benchmark UNet's step in 0.82x the time. Process-wide; resident memory stays at its peak.
     c.cpu_reuse_memory = True
-    # On a CPU (one process): the train step runs on the calling thread and glibc keeps the memory it frees, so
-    # XLA's scratch buffer is reused, not faulted in anew at every step (uncond_flax.cpu_runtime): the small
-    # benchmark UNet's step in 0.82x the time. Process-wide; resident memory stays at its peak.
-    c.cpu_reuse_memory = True
 
     # --- parallelism ---
     c.fsdp = 1  # devices that share one sharded copy of params/optimizer state; 1 = replicated
