@@ -1,12 +1,10 @@
 """cpu_reuse_memory: on one CPU device the train step's scratch memory is reused, not faulted in at every call."""
 
-import json
-import os
 import sys
 
 import pytest
 
-from test_checkpointing import CHILD_ENV, run_child, train_cmd
+from test_checkpointing import CHILD_ENV, metrics_at, run_child, train_cmd
 
 # One CPU device (no --xla_force_host_platform_device_count), as `python train_flax.py` runs on a laptop.
 ONE_DEVICE_ENV = {**CHILD_ENV, "XLA_FLAGS": ""}
@@ -55,8 +53,5 @@ def test_the_trainer_reuses_cpu_memory_on_one_device_and_not_when_told_not_to(tm
     assert off.returncode == 0, off.stderr[-3000:]
     assert line not in off.stderr
     # The same program either way: the same losses, bit for bit.
-    losses = [
-        [json.loads(row)["loss"] for row in open(os.path.join(d, "logs", "metrics.jsonl")) if row.strip()]
-        for d in (tmp_path / "on", tmp_path / "off")
-    ]
+    losses = [[row["loss"] for row in metrics_at(tmp_path / d)] for d in ("on", "off")]
     assert losses[0] == losses[1] and len(losses[0]) == 2, losses
