@@ -287,3 +287,28 @@ def test_sampling_bench_runs_both_samplers_on_both_sides(tiny_pipeline, capsys):
     assert bench_sampling.main(args) == 0
     out = capsys.readouterr().out
     assert "DDPM-3: ours" in out and "DDIM-2: ours" in out and out.count("x faster") == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bench_start: launch to a ready train step, in real trainer processes
+
+
+def test_start_bench_times_real_starts_and_a_new_key_served_by_jaxs_cache_is_kept(monkeypatch, capsys):
+    import bench_start
+
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # JAX's cache takes the tiny step too
+    argv = ["--config", "tests/fixtures/tiny_digits.py", "--shared-cache", "--again", "1"]
+    rows = bench_start.main([*argv, "--variant", "", "--variant", "cpu_reuse_memory=false", "--timeout", "300"])
+    assert [(r["variant"], r["start"]) for r in rows] == [
+        ("(as configured)", "cold"),
+        ("(as configured)", "again 1"),
+        ("cpu_reuse_memory=false", "first"),
+        ("cpu_reuse_memory=false", "again 1"),
+    ]
+    cold, again, first, second = rows
+    assert cold["step"] == "traced" and cold["kept_now"] and cold["seconds"] > 0
+    assert again["step"] == "kept, untraced" and not again["kept_now"]
+    # Another JAX setting (inline CPU dispatch or not): another key, the same lowered step, served by JAX's cache.
+    assert first["step"] == "traced" and first["jax_cache_hits"] >= 1 and first["kept_now"]
+    assert second["step"] == "kept, untraced"
+    assert "cpu_reuse_memory=false           again 1  ready in" in capsys.readouterr().out

@@ -391,28 +391,56 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
     assert not loaded and len(steps_kept()) == 2
 
 
-def test_a_program_from_jaxs_cache_is_not_kept(kept_dir, caplog, nonce):
-    """XLA:CPU saves a program it loaded without some of its functions; such a copy fails when it runs."""
-    import shutil
+# A fresh process: the cache in argv[1], a small program with functions of its own (tanh, a convolution) through
+# compile_or_load; prints where it was loaded from and what it computes.
+KEPT_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+logging.getLogger("uncond_flax").setLevel(logging.INFO)
+import jax, jax.numpy as jnp
+from uncond_flax.compile_cache import compile_or_load, enable_compile_cache
+enable_compile_cache(sys.argv[1])
+def f(x, w):
+    for _ in range(3):
+        x = jnp.tanh(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return jnp.sum(x * x)
+args = (jnp.linspace(-1.0, 1.0, 4 * 8 * 8 * 4).reshape(4, 8, 8, 4), jnp.full((3, 3, 4, 4), 0.05))
+compiled, _, loaded = compile_or_load(jax.jit(f), args, name="toy", shardings=None, inputs={"n": sys.argv[2]})
+print("loaded:", loaded, flush=True)
+print("result:", float(compiled(*args)).hex(), flush=True)
+"""
 
-    import jax
 
-    from uncond_flax.compile_cache import compile_or_load
+def test_a_program_from_jaxs_cache_is_kept_and_runs_when_a_later_start_loads_it(tmp_path):
+    """A kept key can change while the lowered program does not (an edited source file, another JAX setting): JAX's
+    cache then serves the program. XLA:CPU cannot save again an executable it loaded (the copy fails when it runs:
+    "Function ... not found"), so it is kept from the bytes JAX's cache holds, and the next start loads it."""
+    cache = tmp_path / "jax"
+    kept = cache / "uncond_flax_executables"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=ROOT)
 
-    jitted, sharding = _toy([], nonce)
-    kwargs = dict(name="toy", shardings=(sharding, sharding), inputs={})
-    saved = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # JAX's cache takes the toy
-    try:
-        compile_or_load(jitted, _toy_args(), **kwargs)  # in JAX's cache now, if it was not before
-        shutil.rmtree(kept_dir, ignore_errors=True)
-        with caplog.at_level("INFO", logger="uncond_flax"):
-            compiled, _, loaded = compile_or_load(_toy([], nonce)[0], _toy_args(), **kwargs)
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved)
-    assert "toy: not kept (it came from JAX's cache" in caplog.text
-    assert loaded is None and _kept(kept_dir) == []
-    assert float(compiled(*_toy_args())[1]) == float(jitted(*_toy_args())[1])
+    def start(inputs):
+        out = subprocess.run(
+            [sys.executable, "-c", KEPT_SCRIPT, str(cache), inputs],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr, re.search(r"result: (\S+)", out.stdout).group(1)
+
+    first, reference = start("a")  # compiled: into JAX's cache, and kept under key "a"
+    assert HIT not in first and len(_kept(kept)) == 1
+    second, result = start("b")  # another key, the same program: JAX's cache serves it
+    assert "not kept" not in second and "loaded: None" in second and result == reference
+    assert len(_kept(kept)) == 2
+    third, result = start("b")  # the copy kept from JAX's cache's bytes, loaded untraced, runs
+    assert f"loaded: {kept}" in third and result == reference
+    # The arrays' own small programs come from JAX's cache in both starts; the toy only in the second.
+    assert second.count(HIT) == third.count(HIT) + 1
 
 
 def test_the_steps_key_holds_every_field_but_the_loops_own_and_no_credentials(tmp_path):

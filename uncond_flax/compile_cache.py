@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -206,11 +207,33 @@ def _load(path: str, key: str, args: Any) -> tuple[jax.stages.Compiled, dict[str
     return compiled, record["info"]
 
 
-def _save(path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, Any]) -> None:
-    from jax.experimental.serialize_executable import serialize
+def _serialize(compiled: jax.stages.Compiled, served: tuple[Any, bytes] | None) -> tuple[bytes, Any, Any]:
+    """`jax.experimental.serialize_executable.serialize(compiled)`; for a program JAX's cache served (`served`: the
+    executable it loaded and the bytes it loaded it from), with those bytes in place of the executable's own."""
+    from jax.experimental import serialize_executable
 
+    if served is None:
+        return serialize_executable.serialize(compiled)
+    unloaded = compiled._executable._unloaded_executable  # what `serialize` pickles, as it does
+    loaded, data = served
+    if unloaded.xla_executable is not loaded:
+        raise ValueError("JAX's cache served another executable")
+
+    class Pickler(serialize_executable._JaxPjrtPickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return ("exec", data) if obj is loaded else super().persistent_id(obj)
+
+    args_info, in_tree = jax.tree_util.tree_flatten(compiled.args_info)
+    with io.BytesIO() as f:
+        Pickler(f).dump((unloaded, args_info, compiled._no_kwargs))
+        return f.getvalue(), in_tree, compiled.out_tree
+
+
+def _save(
+    path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, Any], served: tuple[Any, bytes] | None = None
+) -> None:
     folder = os.path.dirname(path)
-    executable, in_tree, out_tree = serialize(compiled)
+    executable, in_tree, out_tree = _serialize(compiled, served)
     devices = [d.id for d in compiled.runtime_executable().local_devices()]
     record = {"format": _FORMAT, "key": key, "executable": executable, "in_tree": in_tree, "out_tree": out_tree}
     record.update(devices=devices, info=info)
@@ -224,6 +247,58 @@ def _save(path: str, key: str, compiled: jax.stages.Compiled, info: dict[str, An
     for old in sorted(kept, key=os.path.getmtime, reverse=True)[KEEP_PER_PROGRAM:]:
         with contextlib.suppress(OSError):
             os.remove(old)
+
+
+# XLA:CPU cannot serialize again an executable it deserialized: the copy lacks some of its compiled functions and
+# fails when it runs ("Function ... not found"). A program that JAX's cache serves is kept from the bytes JAX's
+# cache holds instead, read again while `compile_or_load` compiles (`_served`). Without this, a program whose
+# kept key changed (an edited source file, another JAX setting) but whose lowered form did not would come from
+# JAX's cache at every later start, traced each time, and never be kept again.
+_reading = threading.local()
+
+
+def _remember_served(read: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(read)
+    def served_by_jaxs_cache(cache_key: str, compile_options: Any, backend: Any, *rest: Any) -> Any:
+        executable, compile_time = read(cache_key, compile_options, backend, *rest)
+        served = getattr(_reading, "served", None)
+        if executable is not None and served is not None:
+            try:
+                from jax._src import compilation_cache as jax_cache
+
+                entry = jax_cache.decompress_executable(jax_cache._get_cache(backend).get(cache_key))
+                served.append((executable, jax_cache.extract_executable_and_time(entry)[0]))
+            except Exception as e:  # noqa: BLE001 -- the program is still served; it is only not kept
+                logger.debug("cannot read JAX's cache entry %s again: %s", cache_key, one_line(e))
+        return executable, compile_time
+
+    served_by_jaxs_cache.remembers = True
+    return served_by_jaxs_cache
+
+
+def _watch_jaxs_cache() -> bool:
+    """Wrap JAX's cache read (once) so that `_served` sees what it serves; False where JAX has no such function."""
+    try:
+        from jax._src import compilation_cache as jax_cache
+    except ImportError:
+        return False
+    read = getattr(jax_cache, "get_executable_and_time", None)
+    if read is None:
+        return False
+    if not getattr(read, "remembers", False):
+        jax_cache.get_executable_and_time = _remember_served(read)
+    return True
+
+
+@contextlib.contextmanager
+def _served() -> Any:
+    """A list that collects (executable, bytes) for each program JAX's cache serves this thread inside the block."""
+    served: list[tuple[Any, bytes]] = []
+    _reading.served = served if _watch_jaxs_cache() else None
+    try:
+        yield served
+    finally:
+        _reading.served = None
 
 
 def _count_hit(event: str, **_: object) -> None:
@@ -324,17 +399,18 @@ def compile_or_load(
         return found
     traced = jitted.trace(*args)
     hits = jax_cache_hits()
-    compiled = traced.lower().compile(compiler_options=compiler_options)
+    with _served() as served:
+        compiled = traced.lower().compile(compiler_options=compiler_options)
     facts = info(traced)
     if path is None:
         return compiled, facts, None
-    if jax_cache_hits() > hits:
-        # XLA:CPU cannot save again a program it loaded: the copy lacks some of its compiled functions, and runs into
-        # "Function ... not found". Only a program compiled here is kept.
+    if jax_cache_hits() > hits and len(served) != 1:
+        # Saved from the executable itself, a program loaded from JAX's cache would fail in a later start (see
+        # `_served`), and here the bytes it was loaded from were not seen.
         logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)
         return compiled, facts, None
     try:
-        _save(path, key, compiled, facts)
+        _save(path, key, compiled, facts, served[0] if jax_cache_hits() > hits else None)
     except Exception as e:  # noqa: BLE001 -- the run needs the program, not the copy
         logger.warning("%s: not kept for the next start: cannot write %s (%s)", name, path, one_line(e))
     return compiled, facts, None
