@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for n in range(1 + args.again):
                 first = n == 0 and (not args.shared_cache or i == 0)
                 result = start(config, base + _variant_args(variant), cache_home, args.timeout)
-                result.update(variant=variant or "(as configured)", start="cold" if first else f"again {n}" if n else "first")
+                result.update(
+                    variant=variant or "(as configured)", start="cold" if first else f"again {n}" if n else "first"
+                )
                 rows.append(result)
                 print(
                     f"{result['variant']:<32} {result['start']:<8} ready in {result['seconds']:6.1f} s "
