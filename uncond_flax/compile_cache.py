@@ -216,8 +216,6 @@ def _serialize(compiled: jax.stages.Compiled, served: tuple[Any, bytes] | None) 
         return serialize_executable.serialize(compiled)
     unloaded = compiled._executable._unloaded_executable  # what `serialize` pickles, as it does
     loaded, data = served
-    if unloaded.xla_executable is not loaded:
-        raise ValueError("JAX's cache served another executable")
 
     class Pickler(serialize_executable._JaxPjrtPickler):
         def persistent_id(self, obj: Any) -> Any:
@@ -290,11 +288,19 @@ def _watch_jaxs_cache() -> bool:
     return True
 
 
+def _executable_of(compiled: jax.stages.Compiled, served: list[tuple[Any, bytes]]) -> tuple[Any, bytes] | None:
+    """The (executable, bytes) among `served` that `compiled` runs; None if it runs none of them."""
+    unloaded = getattr(getattr(compiled, "_executable", None), "_unloaded_executable", None)
+    mine = getattr(unloaded, "xla_executable", None)
+    return next((pair for pair in served if mine is not None and pair[0] is mine), None)
+
+
 @contextlib.contextmanager
-def _served() -> Any:
-    """A list that collects (executable, bytes) for each program JAX's cache serves this thread inside the block."""
+def _served(watch: bool = True) -> Any:
+    """A list that collects (executable, bytes) for each program JAX's cache serves this thread inside the block
+    (with `watch`; else it stays empty, and nothing is read twice)."""
     served: list[tuple[Any, bytes]] = []
-    _reading.served = served if _watch_jaxs_cache() else None
+    _reading.served = served if watch and _watch_jaxs_cache() else None
     try:
         yield served
     finally:
@@ -399,18 +405,19 @@ def compile_or_load(
         return found
     traced = jitted.trace(*args)
     hits = jax_cache_hits()
-    with _served() as served:
+    with _served(watch=path is not None) as served:
         compiled = traced.lower().compile(compiler_options=compiler_options)
     facts = info(traced)
     if path is None:
         return compiled, facts, None
-    if jax_cache_hits() > hits and len(served) != 1:
+    from_cache = _executable_of(compiled, served) if jax_cache_hits() > hits else None
+    if jax_cache_hits() > hits and from_cache is None:
         # Saved from the executable itself, a program loaded from JAX's cache would fail in a later start (see
         # `_served`), and here the bytes it was loaded from were not seen.
         logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)
         return compiled, facts, None
     try:
-        _save(path, key, compiled, facts, served[0] if jax_cache_hits() > hits else None)
+        _save(path, key, compiled, facts, from_cache)
     except Exception as e:  # noqa: BLE001 -- the run needs the program, not the copy
         logger.warning("%s: not kept for the next start: cannot write %s (%s)", name, path, one_line(e))
     return compiled, facts, None
