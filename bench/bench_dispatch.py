@@ -97,7 +97,7 @@ def step_calls(
 
     from uncond_flax.optim import make_optimizer
     from uncond_flax.parallel import make_mesh, replicated
-    from uncond_flax.step import jit_train_step, step_compiler_options
+    from uncond_flax.step import jit_train_step, step_compiler_options, step_seed
     from uncond_flax.train_state import create_train_state
 
     config = _config(model, batch, precision)
@@ -108,7 +108,7 @@ def step_calls(
     on_leaves, images_sharding = jit_train_step(step_fn, shardings, mesh)
     on_state = jax.jit(
         step_fn,
-        in_shardings=(shardings, images_sharding),
+        in_shardings=(shardings, images_sharding, replicated(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
         compiler_options=step_compiler_options(),
@@ -116,12 +116,13 @@ def step_calls(
     shape = (1, config.train_batch_size, config.resolution, config.resolution, config.model.in_channels)
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
     copy = jax.tree.map(lambda x: x.copy(), state)
+    seed = step_seed(config.seed, mesh)
     holders = {"TrainState": [state, on_state], "leaves": [jax.tree.leaves(copy), on_leaves]}
     print(f"{model} UNet's step, batch {config.train_batch_size}: {len(jax.tree.leaves(state))} leaves", flush=True)
 
     def call(form):
         holder = holders[form]
-        holder[0], metrics = holder[1](holder[0], images)
+        holder[0], metrics = holder[1](holder[0], images, seed)
         return metrics
 
     for form in holders:  # compile, then one more call to settle

@@ -185,7 +185,8 @@ def compile_step(
 ) -> tuple[Any, Any, Any, float, float | None]:
     """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
     trainer's step, shardings and donation, on `mesh` (default: every device). The step takes and returns the
-    state's leaves, as the trainer's does: `leaves, metrics = step(jax.tree.leaves(state), images)`. Programs are
+    state's leaves, as the trainer's does: `leaves, metrics = step(jax.tree.leaves(state), images)` (the config's
+    seed, the trainer's third argument, is bound). Programs are
     equal for equal configs, so a second call is served by the compilation cache. `keep`: as the trainer does it
     (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after)."""
     import jax
@@ -194,7 +195,7 @@ def compile_step(
     from uncond_flax.flops import step_flops
     from uncond_flax.optim import make_optimizer
     from uncond_flax.parallel import make_mesh
-    from uncond_flax.step import jit_train_step
+    from uncond_flax.step import jit_train_step, step_seed
     from uncond_flax.train_state import create_train_state
 
     mesh = make_mesh() if mesh is None else mesh
@@ -215,13 +216,14 @@ def compile_step(
     start = time.perf_counter()
     batch_spec = jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)
     leaves = jax.tree.leaves(state)  # the step's form of the state (jit_train_step)
+    seed = step_seed(config.seed, mesh)
     if keep:
         from uncond_flax.compile_cache import compile_or_load
         from uncond_flax.step import step_program_inputs
 
         compiled, facts, loaded = compile_or_load(
             jitted,
-            (leaves, batch_spec),
+            (leaves, batch_spec, seed),
             name="train_step",
             shardings=(jax.tree.leaves(shardings), images_sharding),
             inputs=step_program_inputs(config, 10_000),
@@ -229,8 +231,8 @@ def compile_step(
         )
         seconds = time.perf_counter() - start
         _say(f"  {'loaded, untraced,' if loaded else 'traced, lowered and compiled'} in {seconds:.1f} s")
-        return compiled, state, images_sharding, seconds, facts.get("flops")
-    traced = jitted.trace(leaves, batch_spec)
+        return _seeded(compiled, seed), state, images_sharding, seconds, facts.get("flops")
+    traced = jitted.trace(leaves, batch_spec, seed)
     lowered = traced.lower()
     lowering_s = time.perf_counter() - start
     hits = jax_cache_hits()
@@ -241,7 +243,16 @@ def compile_step(
         f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s"
         + (" (loaded from JAX's compilation cache: not a compile time)" if _step_from_cache[0] else "")
     )
-    return compiled, state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
+    return _seeded(compiled, seed), state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
+
+
+def _seeded(compiled: Any, seed: Any) -> Callable:
+    """`compiled(leaves, images, seed)` as `step(leaves, images)`."""
+
+    def step(leaves: Any, images: Any) -> Any:
+        return compiled(leaves, images, seed)
+
+    return step
 
 
 _step_from_cache = [False]  # whether compile_step's last program came from JAX's persistent cache

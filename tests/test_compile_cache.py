@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -101,7 +102,7 @@ def test_train_step_program_grows_linearly_with_the_parameter_leaves():
     from uncond_flax.config import noise_scheduler_for, resolve_config
     from uncond_flax.optim import lr_schedule_for, make_optimizer
     from uncond_flax.parallel import make_mesh
-    from uncond_flax.step import jit_train_step, make_train_step
+    from uncond_flax.step import jit_train_step, make_train_step, step_seed
     from uncond_flax.train_state import train_state_layout
 
     config = resolve_config(get_config())
@@ -113,7 +114,7 @@ def test_train_step_program_grows_linearly_with_the_parameter_leaves():
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = (1, config.train_batch_size, 8, 8, 1)
     images = jax.ShapeDtypeStruct(batch, "uint8", sharding=images_sharding)
-    text = jitted.lower(jax.tree.leaves(abstract), images).compile().as_text()
+    text = jitted.lower(jax.tree.leaves(abstract), images, step_seed(config.seed, mesh)).compile().as_text()
     leaves = len(jax.tree_util.tree_leaves(abstract.params))
     # 74 leaves: about 300 `and`s with one flag, about 17,000 with a copy of the chain in every update.
     assert text.count(" and(") < 10 * leaves, text.count(" and(")
@@ -359,7 +360,7 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
     from uncond_flax.train import train_and_evaluate
 
     common = dict(max_train_steps=4, checkpointing_steps=2, use_ema=True, save_images_epochs=1000)
-    # A seed of its own: a program JAX's cache (shared by the suite) has never seen, so the first run compiles it.
+    # A seed of its own: weights no run of the suite has drawn (the init program has them as constants).
     common.update(save_model_epochs=1000, seed=int.from_bytes(os.urandom(3), "little"))
     loaded_line = re.compile(r"train_step loaded in [0-9.]+ s from " + re.escape(str(kept_dir)))
 
@@ -386,6 +387,18 @@ def test_a_second_start_and_a_resume_load_the_kept_train_step_and_train_the_same
     for other in (second, resumed):
         for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(a, b)
+
+    # Another seed: the same step (its seed is an argument), loaded; other weights, from an init program of its own.
+    init_line = re.compile(r"init_state loaded in [0-9.]+ s from ")
+    seeded, loaded = run("d", seed=common["seed"] + 1)
+    assert loaded and not init_line.search(caplog.text) and len(steps_kept()) == 1, caplog.text
+    pairs = zip(jax.tree.leaves(seeded.params), jax.tree.leaves(first.params), strict=True)
+    assert not all(np.array_equal(a, b) for a, b in pairs)
+    shutil.rmtree(kept_dir)
+    fresh, loaded = run("e", seed=common["seed"] + 1)  # the same seed with nothing kept: the same numbers
+    assert not loaded
+    for a, b in zip(jax.tree.leaves(seeded), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     _, loaded = run("c", learning_rate=2e-3)  # another program: compiled, and kept beside the first
     assert not loaded and len(steps_kept()) == 2
@@ -455,10 +468,10 @@ def test_the_steps_key_holds_every_field_but_the_loops_own_and_no_credentials(tm
     same = resolve_config(tiny_digits.get_config())
     same.update(output_dir=str(tmp_path), resume_from_checkpoint="latest", save_images_epochs=3, log_every=1)
     same.update(hub_token="hf_secret_value", push_to_hub=True, hub_model_id="me/model", checkpointing_steps=7)
-    same.update(cpu_reuse_memory=False)
+    same.update(cpu_reuse_memory=False, seed=1)  # the seed: an argument of the step
     assert step_program_inputs(same, 10) == inputs
     assert "hf_secret_value" not in repr(step_program_inputs(same, 10))
-    for field, value in [("learning_rate", 5e-4), ("seed", 1), ("mixed_precision", "bf16"), ("use_ema", True)]:
+    for field, value in [("learning_rate", 5e-4), ("mixed_precision", "bf16"), ("use_ema", True)]:
         other = resolve_config(tiny_digits.get_config())
         other[field] = value
         assert step_program_inputs(other, 10) != inputs, field

@@ -266,6 +266,7 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
     from uncond_flax.config import noise_scheduler_for, resolve_config
     from uncond_flax.optim import lr_schedule_for, make_optimizer
     from uncond_flax.step import CPU_STEP_COMPILER_OPTIONS, jit_train_step, make_train_step, step_compiler_options
+    from uncond_flax.step import step_seed
     from uncond_flax.train_state import train_state_layout
 
     if jax.default_backend() != "cpu" or step_compiler_options() is None:
@@ -281,7 +282,7 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
     )
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = jax.ShapeDtypeStruct((1, config.train_batch_size, 8, 8, 1), "uint8", sharding=images_sharding)
-    lowered = jitted.trace(jax.tree.leaves(abstract), batch).lower()
+    lowered = jitted.trace(jax.tree.leaves(abstract), batch, step_seed(config.seed, mesh)).lower()
     # The same program with YNNPACK's convolutions back on: the check below would see them.
     conv_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     with_ynn_convs = {k: f"{v},{conv_type}" for k, v in CPU_STEP_COMPILER_OPTIONS.items()}
@@ -292,16 +293,17 @@ def test_train_step_compiles_convolutions_with_xla_not_ynnpack_on_cpu(tmp_path):
     assert convs >= 6 and in_ynn == 0 and control >= 6, (convs, in_ynn, control)
 
 
-def test_the_jitted_step_takes_and_returns_the_states_leaves(tmp_path):
+def test_the_jitted_step_takes_and_returns_the_states_leaves_and_its_seed_as_an_argument(tmp_path):
     # No flax Variable crosses the call (each would be flattened and rebuilt in Python, every step): a list of
-    # arrays in, the same list out, and the same numbers as the step jitted on the TrainState.
+    # arrays in, the same list out, and the same numbers as the step jitted on the TrainState with the config's
+    # seed a constant of its program. The seed as an argument: the same draws, and one program for every seed.
     from uncond_flax.config import noise_scheduler_for
     from uncond_flax.optim import lr_schedule_for
     from uncond_flax.parallel import replicated
-    from uncond_flax.step import jit_train_step, make_train_step, state_from_leaves, step_compiler_options
+    from uncond_flax.step import jit_train_step, make_train_step, state_from_leaves, step_compiler_options, step_seed
     from uncond_flax.train_state import create_train_state
 
-    config = resolve_config(tiny_config(tmp_path, use_ema=True))
+    config = resolve_config(tiny_config(tmp_path, use_ema=True, seed=7))
     mesh, tx = make_mesh(devices=jax.devices()[:1]), make_optimizer(config, 10)
     graphdef, _, state, shardings = create_train_state(config, mesh, tx)
     step_fn = make_train_step(
@@ -318,9 +320,12 @@ def test_the_jitted_step_takes_and_returns_the_states_leaves(tmp_path):
     images = jax.device_put(images, images_sharding)
     leaves = jax.tree.leaves(jax.tree.map(jnp.copy, state))
     expected, expected_metrics = state, None
+    other_seed = on_leaves(jax.tree.leaves(jax.tree.map(jnp.copy, state)), images, step_seed(8, mesh))[1]
+    seed = step_seed(config.seed, mesh)
     for _ in range(2):
         expected, expected_metrics = on_state(expected, images)
-        leaves, metrics = on_leaves(leaves, images)
+        leaves, metrics = on_leaves(leaves, images, seed)
+    assert on_leaves._cache_size() == 1  # both seeds: one program
     assert type(leaves) is list and jax.tree.structure(leaves) == jax.tree.structure([0] * len(leaves))
     assert len(leaves) == len(jax.tree.leaves(expected)) > 3 * len(jax.tree.leaves(expected.params))  # + Adam, EMA
     got = state_from_leaves(shardings, leaves)
@@ -328,4 +333,5 @@ def test_the_jitted_step_takes_and_returns_the_states_leaves(tmp_path):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in expected_metrics.items()}
+    assert float(other_seed["loss"]) != float(metrics["loss"])  # another seed, other noise
     assert int(got.step) == 2 and float(metrics["loss"]) > 0

@@ -19,11 +19,19 @@ def purpose_key(seed: int, purpose: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
 
 
-def step_keys(seed: int, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def step_keys(seed: int | jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(noise, timesteps, dropout) keys of one optimizer step: a function of (seed, step) alone, so a resumed run
-    draws what the uninterrupted run drew."""
-    k_noise, k_time, k_drop = jax.random.split(jax.random.fold_in(purpose_key(seed, "step"), step), 3)
+    draws what the uninterrupted run drew. `seed`: the int, or `step_stream_data(seed)` (the train step takes it as
+    an argument, so that one compiled step serves every seed)."""
+    root = purpose_key(seed, "step") if isinstance(seed, int) else jax.random.wrap_key_data(seed)
+    k_noise, k_time, k_drop = jax.random.split(jax.random.fold_in(root, step), 3)
     return k_noise, k_time, k_drop
+
+
+def step_stream_data(seed: int) -> jax.Array:
+    """The raw data (uint32) of the seed's `step` stream key: what `step_keys` takes in place of the seed."""
+    with jax.ensure_compile_time_eval():
+        return jax.random.key_data(purpose_key(seed, "step"))
 
 
 class _CountOutsideTraces(nnx.RngStream):

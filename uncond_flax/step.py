@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -15,7 +16,7 @@ from uncond_flax.ema import EmaSchedule
 from uncond_flax.errors import check_choice
 from uncond_flax.optim import global_norm_like_torch
 from uncond_flax.parallel import batch_sharding, replicated
-from uncond_flax.rng import rngs_outside_traces, step_keys
+from uncond_flax.rng import rngs_outside_traces, step_keys, step_stream_data
 from uncond_flax.schedulers.common import PREDICTION_TYPES
 from uncond_flax.train_state import TrainState
 
@@ -61,7 +62,9 @@ def make_train_step(
     noise_scheduler: Any,
     config: Any,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step(state, images_ABHWC uint8) -> (state, metrics)`: A micro-batches accumulated, one update.
+    """`train_step(state, images_ABHWC uint8, seed=None) -> (state, metrics)`: A micro-batches accumulated, one
+    update. `seed`: `rng.step_stream_data(config.seed)` as an argument (`jit_train_step` passes it: one program
+    for every seed), or None for `config.seed` as a constant of the program; the same numbers either way.
 
     A step whose loss or gradients are not finite changes no weights and no optimizer state (the fp16 loss
     scale backs off); as in diffusers, the EMA still takes its step, toward the unchanged weights. `lr_fn`
@@ -82,8 +85,10 @@ def make_train_step(
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def train_step(state: TrainState, images_ABHWC: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        k_noise, k_time, k_drop = step_keys(config.seed, state.step)
+    def train_step(
+        state: TrainState, images_ABHWC: jax.Array, seed: jax.Array | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        k_noise, k_time, k_drop = step_keys(config.seed if seed is None else seed, state.step)
         x0_ABHWC = normalize_images(images_ABHWC)
         # Drawn for the whole step at once: A micro-batches of B see the same numbers as one batch of A*B.
         noise_ABHWC = jax.random.normal(k_noise, x0_ABHWC.shape, jnp.float32)
@@ -205,6 +210,7 @@ NOT_READ_BY_THE_STEP = frozenset(
         "max_consecutive_skips",
         "compilation_cache_dir",
         "cpu_reuse_memory",  # how the process runs programs and keeps memory, not what the step computes
+        "seed",  # an argument of the jitted step (jit_train_step); the init program's key names it itself
         "dataloader_num_workers",
         "cache_dir",
         "decode_cache",
@@ -237,9 +243,11 @@ def jit_train_step(
     """(the step jitted as the trainer runs it, the batch's sharding).
 
     The jitted step takes and returns the state as its list of leaves, `jax.tree.leaves(state)`, in
-    `state_shardings`' tree (`state_from_leaves` builds the TrainState back): `step(leaves, images) -> (leaves,
-    metrics)`. The leaves are placed as `state_shardings` and donated, the batch (A, B, H, W, C) split over every
-    device along B, the metrics replicated; compiled with `step_compiler_options()`.
+    `state_shardings`' tree (`state_from_leaves` builds the TrainState back), and takes the seed as an array
+    (`step_seed`): `step(leaves, images, seed) -> (leaves, metrics)`. The leaves are placed as `state_shardings`
+    and donated, the batch (A, B, H, W, C) split over every device along B, the seed and the metrics replicated;
+    compiled with `step_compiler_options()`. One program serves every seed: a run with another seed loads the
+    step kept by the first (`compile_cache`), and JAX's cache serves it too.
 
     Why leaves: every call flattens its arguments and builds its results, and the TrainState's 1,356 leaves (the
     default UNet with AdamW) sit in as many flax Variables, each flattened and rebuilt in Python: a jitted identity
@@ -250,19 +258,28 @@ def jit_train_step(
     treedef = jax.tree.structure(state_shardings)
     leaf_shardings = treedef.flatten_up_to(state_shardings)
 
-    def step_on_leaves(leaves: list[jax.Array], images: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-        state, metrics = step_fn(treedef.unflatten(leaves), images)
+    def step_on_leaves(
+        leaves: list[jax.Array], images: jax.Array, seed: jax.Array
+    ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+        state, metrics = step_fn(treedef.unflatten(leaves), images, seed)
         return treedef.flatten_up_to(state), metrics
 
     step_on_leaves.__name__ = getattr(step_fn, "__name__", "train_step")  # the program's name in logs and profiles
     jitted = jax.jit(
         step_on_leaves,
-        in_shardings=(leaf_shardings, images_sharding),
+        in_shardings=(leaf_shardings, images_sharding, replicated(mesh)),
         out_shardings=(leaf_shardings, replicated(mesh)),
         donate_argnums=0,
         compiler_options=step_compiler_options(),
     )
     return jitted, images_sharding
+
+
+def step_seed(seed: int, mesh: jax.sharding.Mesh) -> jax.Array:
+    """`jit_train_step`'s seed argument: `rng.step_stream_data(seed)`, a global array replicated over `mesh` (made
+    from the same host value in every process)."""
+    data = np.asarray(step_stream_data(seed))
+    return jax.make_array_from_callback(data.shape, replicated(mesh), lambda index: data[index])
 
 
 def state_from_leaves(like: Any, leaves: list[jax.Array]) -> Any:

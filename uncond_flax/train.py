@@ -35,7 +35,7 @@ from uncond_flax.parallel import (
     make_mesh,
     num_batch_shards,
 )
-from uncond_flax.step import jit_train_step, make_train_step, state_from_leaves, step_program_inputs
+from uncond_flax.step import jit_train_step, make_train_step, state_from_leaves, step_program_inputs, step_seed
 from uncond_flax.train_state import TrainState, create_train_state, train_state_layout
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         )
         train_step, images_sharding = jit_train_step(step_fn, shardings, mesh)
         # The step takes and returns the state's leaves (jit_train_step: far less host time per call).
-        step_args = (jax.tree.leaves(abstract_like(abstract, shardings)), loader.batch_spec(images_sharding))
+        seed = step_seed(config.seed, mesh)
+        step_args = (jax.tree.leaves(abstract_like(abstract, shardings)), loader.batch_spec(images_sharding), seed)
         step_program = {
             "name": "train_step",
             "shardings": (jax.tree.leaves(shardings), images_sharding),
@@ -227,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> TrainState:
         for epoch in range(first_epoch(step, steps_per_epoch), num_epochs):
             epoch_stop = min((epoch + 1) * steps_per_epoch, total_steps)
             while step < epoch_stop:
-                leaves, metrics = train_step(leaves, next(loader)["images"])
+                leaves, metrics = train_step(leaves, next(loader)["images"], seed)
                 step += 1
                 step_log.push(step, metrics)
                 if config.checkpointing_steps and step % config.checkpointing_steps == 0:

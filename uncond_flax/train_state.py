@@ -113,9 +113,10 @@ def create_train_state(
         params = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
         options = {"xla_backend_optimization_level": init_optimization_level(params)}
     # Kept like the train step: a second start loads it untraced (no trace and lowering: ~1.3 s for the default
-    # UNet). Its key: the config (as the step's; the optimizer's hyperparameters only make more keys), the state it
+    # UNet). Its key: the config (as the step's; the optimizer's hyperparameters only make more keys), the seed (the
+    # weights' keys are constants of this program, where the step takes its seed as an argument), the state it
     # makes, the compile options.
-    inputs = step_program_inputs(config, 0) | {"state": describe_avals(abstract)}
+    inputs = step_program_inputs(config, 0) | {"seed": config.seed, "state": describe_avals(abstract)}
     compiled, _, _ = compile_or_load(
         jax.jit(init, out_shardings=shardings),
         args,
