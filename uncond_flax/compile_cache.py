@@ -257,18 +257,22 @@ _reading = threading.local()
 
 def _remember_served(read: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(read)
-    def served_by_jaxs_cache(cache_key: str, compile_options: Any, backend: Any, *rest: Any) -> Any:
-        executable, compile_time = read(cache_key, compile_options, backend, *rest)
+    def served_by_jaxs_cache(*args: Any, **kwargs: Any) -> Any:
+        result = read(*args, **kwargs)
         served = getattr(_reading, "served", None)
-        if executable is not None and served is not None:
-            try:
+        if served is not None:
+            try:  # JAX 0.10: (cache_key, compile_options, backend, executable_devices) -> (executable, time)
                 from jax._src import compilation_cache as jax_cache
 
-                entry = jax_cache.decompress_executable(jax_cache._get_cache(backend).get(cache_key))
-                served.append((executable, jax_cache.extract_executable_and_time(entry)[0]))
+                named = dict(zip(("cache_key", "compile_options", "backend"), args)) | kwargs
+                executable = result[0]
+                if executable is not None:
+                    entry = jax_cache._get_cache(named["backend"]).get(named["cache_key"])
+                    data = jax_cache.extract_executable_and_time(jax_cache.decompress_executable(entry))[0]
+                    served.append((executable, data))
             except Exception as e:  # noqa: BLE001 -- the program is still served; it is only not kept
-                logger.debug("cannot read JAX's cache entry %s again: %s", cache_key, one_line(e))
-        return executable, compile_time
+                logger.debug("cannot read JAX's cache entry again: %s", one_line(e))
+        return result
 
     served_by_jaxs_cache.remembers = True
     return served_by_jaxs_cache
