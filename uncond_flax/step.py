@@ -210,7 +210,7 @@ NOT_READ_BY_THE_STEP = frozenset(
         "max_consecutive_skips",
         "compilation_cache_dir",
         "cpu_reuse_memory",  # how the process runs programs and keeps memory, not what the step computes
-        "seed",  # an argument of the jitted step (jit_train_step); the init program's key names it itself
+        "seed",  # the jitted step and the init program take the seed's keys as arguments (jit_train_step)
         "dataloader_num_workers",
         "cache_dir",
         "decode_cache",

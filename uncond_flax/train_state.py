@@ -77,8 +77,12 @@ def train_state_layout(
     Nothing is computed or compiled: a restore needs only this.
     """
     compute_dtype = COMPUTE_DTYPES[config.mixed_precision]
-    # Module construction is slow in Python: build each abstract model once (they differ only in dtype).
-    abstract_model = nnx.eval_shape(lambda: build_model(config))
+    # Module construction is slow in Python: build each abstract model once (they differ only in dtype). Its fresh
+    # weights' keys, computed as it is built, become the init program's argument (`init.weight_key_data`): one
+    # program for every seed.
+    with batched_draws() as draws:
+        abstract_model = nnx.eval_shape(lambda: build_model(config))
+    weight_key_data = draws.key_data()
     eval_graphdef, abstract_params, abstract_buffers = nnx.split(abstract_model, nnx.Param, ...)
     if compute_dtype != jnp.float32:
         abstract_model = nnx.eval_shape(lambda: build_model(config, compute_dtype))
@@ -87,13 +91,17 @@ def train_state_layout(
     train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
     loss_scale = make_loss_scale(config.mixed_precision)
 
-    def init(params=None, buffers=None):
-        if params is None:  # fresh weights, drawn in batches (the same numbers; a program far quicker to compile)
+    def init(params=None, buffers=None, key_data=None):
+        """The TrainState of `params` and `buffers`; without them, of fresh weights drawn in batches (the same
+        numbers; a program far quicker to compile), from `key_data` (`init.weight_key_data`) where given, else from
+        the seed's keys as constants."""
+        if params is None:
             with batched_draws() as draws:
                 model = build_model(config)
-            params, buffers = draws.fill(nnx.split(model, nnx.Param, ...)[1:])
+            params, buffers = draws.fill(nnx.split(model, nnx.Param, ...)[1:], key_data)
         return TrainState.create(params, buffers, tx, use_ema=config.use_ema, loss_scale=loss_scale)
 
+    init.weight_key_data = weight_key_data
     # The same shapes as init()'s, without building the model again.
     abstract = jax.eval_shape(init, abstract_params, abstract_buffers)
     return train_graphdef, eval_graphdef, abstract, state_shardings(abstract, mesh), init
@@ -107,16 +115,18 @@ def create_train_state(
     from uncond_flax.step import step_program_inputs  # here: step imports this module
 
     train_graphdef, eval_graphdef, abstract, shardings, init = layout or train_state_layout(config, mesh, tx)
-    args = nnx.split(load_unet(config.init_from), nnx.Param, ...)[1:] if config.init_from else ()
+    if config.init_from:
+        args = tuple(nnx.split(load_unet(config.init_from), nnx.Param, ...)[1:])
+    else:  # the weights' keys as an argument: the program is the same for every seed
+        args = (None, None, init.weight_key_data)
     options = None
     if jax.default_backend() == "cpu":
         params = sum(leaf.size for leaf in jax.tree.leaves(abstract.params))
         options = {"xla_backend_optimization_level": init_optimization_level(params)}
     # Kept like the train step: a second start loads it untraced (no trace and lowering: ~1.3 s for the default
-    # UNet). Its key: the config (as the step's; the optimizer's hyperparameters only make more keys), the seed (the
-    # weights' keys are constants of this program, where the step takes its seed as an argument), the state it
-    # makes, the compile options.
-    inputs = step_program_inputs(config, 0) | {"seed": config.seed, "state": describe_avals(abstract)}
+    # UNet). Its key: the config (as the step's, the seed left out like there; the optimizer's hyperparameters only
+    # make more keys), the state it makes, the compile options.
+    inputs = step_program_inputs(config, 0) | {"state": describe_avals(abstract)}
     compiled, _, _ = compile_or_load(
         jax.jit(init, out_shardings=shardings),
         args,

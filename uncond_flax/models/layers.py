@@ -33,19 +33,34 @@ class BatchedDraws:
     def __init__(self, draws: list):
         self._draws = draws
 
-    def fill(self, tree: Any) -> Any:
-        """`tree` (the built model's weights) with each placeholder replaced by its draw. Draws of one initializer,
-        shape and dtype are made by one vmapped call, whose rows are exactly what the single calls give (the same
-        threefry counters under each key)."""
+    def _groups(self) -> dict[tuple, list]:
         groups: dict[tuple, list] = {}
         for signature, init, key, shape, dtype, placeholder in self._draws:
             groups.setdefault((signature, shape, dtype), []).append((init, key, placeholder))
+        return groups
+
+    def key_data(self) -> list[jax.Array]:
+        """The draws' keys as raw data (uint32), stacked per (initializer, shape, dtype) in `fill`'s order, computed
+        now: `fill(tree, key_data)` of the same model built again draws from these (a program's arguments) instead
+        of from its own keys (constants of the program)."""
+        with jax.ensure_compile_time_eval():
+            return [jnp.stack([jax.random.key_data(key) for _, key, _ in group]) for group in self._groups().values()]
+
+    def fill(self, tree: Any, key_data: list[jax.Array] | None = None) -> Any:
+        """`tree` (the built model's weights) with each placeholder replaced by its draw. Draws of one initializer,
+        shape and dtype are made by one vmapped call, whose rows are exactly what the single calls give (the same
+        threefry counters under each key). `key_data`: `key_data()` of a build of the same model, drawn from
+        instead of this build's keys."""
+        groups = self._groups()
+        if key_data is not None and [len(g) for g in groups.values()] != [len(k) for k in key_data]:
+            raise ValueError("batched_draws: key_data is of another model's draws")
         drawn = {}
-        for (_, shape, dtype), members in groups.items():
+        for g, ((_, shape, dtype), members) in enumerate(groups.items()):
             init = members[0][0]
-            values = jax.vmap(lambda key, init=init, shape=shape, dtype=dtype: init(key, shape, dtype))(
-                jnp.stack([key for _, key, _ in members])
-            )
+            keys = jnp.stack([key for _, key, _ in members]) if key_data is None else key_data[g]
+            if key_data is not None:
+                keys = jax.random.wrap_key_data(keys)
+            values = jax.vmap(lambda key, init=init, shape=shape, dtype=dtype: init(key, shape, dtype))(keys)
             drawn.update((id(placeholder), values[i]) for i, (_, _, placeholder) in enumerate(members))
         leaves, treedef = jax.tree.flatten(tree)
         filled = [drawn.pop(id(leaf), leaf) for leaf in leaves]
