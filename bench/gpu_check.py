@@ -6,6 +6,7 @@
     python bench/gpu_check.py --section jax-step --precision bf16   # one section, in this process
     python bench/gpu_check.py --section jax-step --batch 256 --gradient-checkpointing   # memory against compute
     bash bench/gpu_check.sh --sections jax-step,torch-step --set model.layers_per_block=1   # another config field
+    bash bench/gpu_check.sh --sections jax-step --steps-per-call 4   # 4 train steps per call (a lax.scan), not kept
 
 Sections, each in its own process under a hard time limit (a section that overruns is killed and reported; the
 others still run, and everything measured so far has been printed already):
@@ -181,14 +182,20 @@ def train_step_fn(config: Any, graphdef: Any, tx: Any) -> Callable:
 
 
 def compile_step(
-    config: Any, mesh: Any = None, compiler_options: dict[str, str] | None = None, keep: bool = False
+    config: Any,
+    mesh: Any = None,
+    compiler_options: dict[str, str] | None = None,
+    keep: bool = False,
+    steps_per_call: int = 1,
 ) -> tuple[Any, Any, Any, float, float | None]:
     """(compiled train step, fresh state, images sharding, compile seconds, FLOPs per step per device): the
     trainer's step, shardings and donation, on `mesh` (default: every device). The step takes and returns the
     state's leaves, as the trainer's does: `leaves, metrics = step(jax.tree.leaves(state), images)` (the config's
     seed, the trainer's third argument, is bound). Programs are
     equal for equal configs, so a second call is served by the compilation cache. `keep`: as the trainer does it
-    (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after)."""
+    (`compile_cache.compile_or_load`: a program compiled once is kept, and loaded untraced after).
+    `steps_per_call` K > 1: a variant the trainer does not have, K steps in one call (`multi_step`): it takes K
+    batches stacked, (K, A, B, H, W, C), and returns each step's metrics stacked; the FLOPs are per step."""
     import jax
 
     from uncond_flax.compile_cache import jax_cache_hits
@@ -213,6 +220,11 @@ def compile_step(
     jitted, images_sharding = jit_train_step(step_fn, shardings, mesh)
     batch = config.train_batch_size * mesh.devices.size
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
+    if steps_per_call > 1:
+        if keep:
+            raise ValueError("steps_per_call > 1 is a bench variant: it is not kept")
+        jitted, images_sharding = multi_step(step_fn, shardings, mesh)
+        shape = (steps_per_call, *shape)
     start = time.perf_counter()
     batch_spec = jax.ShapeDtypeStruct(shape, "uint8", sharding=images_sharding)
     leaves = jax.tree.leaves(state)  # the step's form of the state (jit_train_step)
@@ -243,7 +255,40 @@ def compile_step(
         f"  traced and lowered in {lowering_s:.1f} s, compiled (XLA) in {seconds - lowering_s:.1f} s"
         + (" (loaded from JAX's compilation cache: not a compile time)" if _step_from_cache[0] else "")
     )
-    return _seeded(compiled, seed), state, images_sharding, seconds, step_flops(traced, mesh.devices.size)
+    flops = step_flops(traced, mesh.devices.size)
+    return _seeded(compiled, seed), state, images_sharding, seconds, flops / steps_per_call if flops else flops
+
+
+def multi_step(step_fn: Callable, state_shardings: Any, mesh: Any) -> tuple[Any, Any]:
+    """(jitted, images sharding): `jit_train_step`'s step run over K stacked batches in one call, a `lax.scan`
+    whose carry is the state's leaves: `step(leaves, images_KABHWC, seed) -> (leaves, metrics stacked over K)`.
+    One dispatch for K steps: what a host-bound accelerator would gain (README: the H100's step is host-bound at
+    batch 64). The same steps, in the same order, as K calls of the trainer's step."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from uncond_flax.parallel import batch_sharding, replicated
+    from uncond_flax.step import step_compiler_options
+
+    images_sharding = NamedSharding(mesh, PartitionSpec(None, None, *batch_sharding(mesh).spec))
+    treedef = jax.tree.structure(state_shardings)
+    leaf_shardings = treedef.flatten_up_to(state_shardings)
+
+    def steps(leaves: list, images_KABHWC: Any, seed: Any) -> tuple[list, dict]:
+        def one(leaves: list, images: Any) -> tuple[list, dict]:
+            state, metrics = step_fn(treedef.unflatten(leaves), images, seed)
+            return treedef.flatten_up_to(state), metrics
+
+        return jax.lax.scan(one, leaves, images_KABHWC)
+
+    jitted = jax.jit(
+        steps,
+        in_shardings=(leaf_shardings, images_sharding, replicated(mesh)),
+        out_shardings=(leaf_shardings, replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=step_compiler_options(),
+    )
+    return jitted, images_sharding
 
 
 def _seeded(compiled: Any, seed: Any) -> Callable:
@@ -369,10 +414,12 @@ def jax_step(
     profile_steps: int = 0,
     report: Callable[[dict[str, Any]], None] | None = None,
     keep_trace: str | None = None,
+    steps_per_call: int = 1,
 ) -> dict[str, Any]:
     """Compile and time our real train step on random uint8 images: FLOPs, MFU, memory; then, with
     `profile_steps`, where the step's time goes (`op_breakdown`, its trace copied to `keep_trace`), after handing
-    the timings to `report`."""
+    the timings to `report`. `steps_per_call` K > 1: K steps per call (`multi_step`); `steps` is rounded up to
+    whole calls, and every figure is per step."""
     import jax
     import numpy as np
 
@@ -380,13 +427,17 @@ def jax_step(
 
     from uncond_flax.step import step_compiler_options
 
-    compiled, state, images_sharding, compile_s, flops = compile_step(config)
+    compiled, state, images_sharding, compile_s, flops = compile_step(config, steps_per_call=steps_per_call)
     _say(f"  the step's compiler options: {step_compiler_options()}")
     params = sum(x.size for x in jax.tree.leaves(state.params))
     leaves = jax.tree.leaves(state)  # the step's form (jit_train_step); donated from the first step on
     batch = config.train_batch_size * jax.device_count()
     shape = (config.gradient_accumulation_steps, batch, config.resolution, config.resolution, config.model.in_channels)
+    if steps_per_call > 1:
+        shape = (steps_per_call, *shape)
+        _say(f"  {steps_per_call} steps per call (a lax.scan over stacked batches)")
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), images_sharding)
+    calls = -(-steps // steps_per_call)
     _say(f"  compile {compile_s:.1f} s; {flops or 0:.3e} FLOPs per step per device")
     for i in range(2):  # warm-up: first runs allocate (and on GPU may autotune); timed one by one, printed as they go
         start = time.perf_counter()
@@ -394,10 +445,10 @@ def jax_step(
         jax.block_until_ready(metrics)
         _say(f"  warm-up step {i + 1}: {time.perf_counter() - start:.3f} s")
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(calls):
         leaves, metrics = compiled(leaves, images)
-    loss = float(metrics["loss"])  # waits for the last step
-    seconds = (time.perf_counter() - start) / steps
+    loss = float(np.asarray(metrics["loss"]).reshape(-1)[-1])  # waits for the last step
+    seconds = (time.perf_counter() - start) / (calls * steps_per_call)
     device = jax.devices()[0]
     utilisation = mfu(flops, seconds, jax.devices(), config.mixed_precision)
     result = {
@@ -417,6 +468,7 @@ def jax_step(
         "loss": loss,
         "params": params,
         "gradient_checkpointing": bool(config.get("gradient_checkpointing", False)),
+        "steps_per_call": steps_per_call,
     }
     _say(
         f"  step {seconds * 1e3:.1f} ms = {result['img_per_s']:.1f} img/s; "
@@ -432,8 +484,9 @@ def jax_step(
             holder[0], step_metrics = compiled(holder[0], images)
             jax.block_until_ready(step_metrics)
 
-        try:
-            result["profile"] = op_breakdown(run_step, profile_steps, seconds, keep_trace=keep_trace)
+        try:  # per call: K steps each
+            calls_s = seconds * steps_per_call
+            result["profile"] = op_breakdown(run_step, profile_steps, calls_s, keep_trace=keep_trace)
         except Exception as e:  # noqa: BLE001 -- a profiler that cannot start must not cost the timings
             result["profile"] = {"error": f"{type(e).__name__}: {one_line(e)[:200]}"}
         _say(_profile_line(result["profile"]))
@@ -461,10 +514,12 @@ def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
         f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}"
         + (", gradient checkpointing" if args.gradient_checkpointing else "")
         + "".join(f", {field}={value!r}" for field, value in args.set)
+        + (f", {args.steps_per_call} steps per call" if args.steps_per_call > 1 else "")
     )
     keep_trace = None
     if args.trace_dir:
         label = re.sub(r"[^\w.-]", "_", "".join(f"-{field}-{value}" for field, value in args.set))
+        label += f"-k{args.steps_per_call}" if args.steps_per_call > 1 else ""
         name = f"jax-step-{args.precision}-b{args.batch or sizes['batch']}{label}.xplane.pb"
         keep_trace = os.path.join(args.trace_dir, name)
     return jax_step(
@@ -473,6 +528,7 @@ def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
         args.profile_steps,
         report=lambda result: _report("jax-step", result),
         keep_trace=keep_trace,
+        steps_per_call=args.steps_per_call,
     )
 
 
@@ -816,17 +872,18 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
     common += ["--steps", str(args.steps)] if args.steps else []
     common += [f"--set={field}={value!r}" for field, value in args.set]  # the config both UNets are built from
     traces = ["--trace-dir", args.trace_dir] if args.trace_dir else []
+    per_call = ["--steps-per-call", str(args.steps_per_call)] if args.steps_per_call > 1 else []
     run(
         "jax-step:bf16",
         "jax-step",
-        [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps), *traces],
+        [*common, "--precision", "bf16", "--profile-steps", str(args.profile_steps), *traces, *per_call],
     )
     # JAX on the CPU there: it would otherwise take most of the GPU's memory before torch starts.
     run("torch-step", "torch-step", common, env={"JAX_PLATFORMS": "cpu"})
     train_steps = ["--train-steps", str(args.train_steps)] if args.train_steps else []
     run("tiny-train", "tiny-train", ["--preset", preset, *train_steps])
     run("attention", "attention", ["--preset", preset])
-    run("jax-step:no", "jax-step", [*common, "--precision", "no", "--profile-steps", "0"])  # what time is left
+    run("jax-step:no", "jax-step", [*common, "--precision", "no", "--profile-steps", "0", *per_call])  # time left
 
     _say(f"\n== summary (preset {preset})")
     for line in summarize(results):
@@ -877,7 +934,13 @@ def main(argv: list[str] | None = None) -> int:
         help="jax-step and torch-step: a config field, dotted for the model's (model.dropout=0.1); repeatable",
     )
     parser.add_argument(
-        "--profile-steps", type=int, default=3, help="jax-step: steps traced for the op breakdown (0: none)"
+        "--profile-steps", type=int, default=3, help="jax-step: calls traced for the op breakdown (0: none)"
+    )
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=1,
+        help="jax-step: K train steps per call, a lax.scan over K batches (a variant the trainer does not have)",
     )
     parser.add_argument(
         "--trace-dir", default=None, help="jax-step: keep the profiled steps' trace (.xplane.pb) in this folder"
@@ -897,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
         "removed at the end; 'none': no cache)",
     )
     args = parser.parse_args(argv)
+    if args.steps_per_call < 1:
+        parser.error(f"--steps-per-call {args.steps_per_call}: give 1 or more")
     args.sections = args.sections.split(",")
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:

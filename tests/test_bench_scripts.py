@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -84,6 +85,27 @@ def test_jax_step_reports_its_timings_before_profiling():
     assert any("conv" in kind for kind in ops), ops  # the UNet's convolutions are among its costliest ops
     assert result["profile"]["op_ms_per_step"] > 0
     assert "profile: " in gpu_check._profile_line(result["profile"])
+
+
+def test_several_steps_per_call_train_what_as_many_calls_train():
+    # The GPU check's --steps-per-call variant: K steps in one lax.scan are the trainer's K steps, per step FLOPs.
+    config = gpu_check.bench_config("tiny", "no", batch=16)
+    single, state, single_sharding, _, flops = gpu_check.compile_step(config)
+    multi, _, multi_sharding, _, multi_flops = gpu_check.compile_step(config, steps_per_call=3)
+    assert multi_flops == flops > 0
+    images = np.random.default_rng(1).integers(0, 256, (3, 1, 16, 8, 8, 1), np.uint8)
+    leaves = jax.tree.leaves(jax.tree.map(jnp.copy, state))
+    losses = []
+    for k in range(3):
+        leaves, metrics = single(leaves, jax.device_put(images[k], single_sharding))
+        losses.append(float(metrics["loss"]))
+    scanned, metrics = multi(jax.tree.leaves(state), jax.device_put(images, multi_sharding))
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses, rtol=1e-5)
+    assert len(set(losses)) == 3  # three different batches and steps
+    for a, b in zip(scanned, leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    result = gpu_check.jax_step(config, steps=2, steps_per_call=2)
+    assert result["steps_per_call"] == 2 and result["step_s"] > 0 and result["flops_per_step"] == flops
 
 
 def test_tiny_training_loss_falls():
