@@ -414,8 +414,9 @@ def compile_or_load(
     facts = info(traced)
     if path is None:
         return compiled, facts, None
-    from_cache = _executable_of(compiled, served) if jax_cache_hits() > hits else None
-    if jax_cache_hits() > hits and from_cache is None:
+    served_by_jax = jax_cache_hits() > hits
+    from_cache = _executable_of(compiled, served) if served_by_jax else None
+    if served_by_jax and from_cache is None:
         # Saved from the executable itself, a program loaded from JAX's cache would fail in a later start (see
         # `_served`), and here the bytes it was loaded from were not seen.
         logger.info("%s: not kept (it came from JAX's cache, which keeps it already); the next start traces it", name)

@@ -57,9 +57,10 @@ class BatchedDraws:
         drawn = {}
         for g, ((_, shape, dtype), members) in enumerate(groups.items()):
             init = members[0][0]
-            keys = jnp.stack([key for _, key, _ in members]) if key_data is None else key_data[g]
-            if key_data is not None:
-                keys = jax.random.wrap_key_data(keys)
+            if key_data is None:
+                keys = jnp.stack([key for _, key, _ in members])
+            else:
+                keys = jax.random.wrap_key_data(key_data[g])
             values = jax.vmap(lambda key, init=init, shape=shape, dtype=dtype: init(key, shape, dtype))(keys)
             drawn.update((id(placeholder), values[i]) for i, (_, _, placeholder) in enumerate(members))
         leaves, treedef = jax.tree.flatten(tree)
