@@ -18,7 +18,7 @@ Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + 
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
-variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` (models.layers.implementations),
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), any other key an XLA compiler option for
 that variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
@@ -86,7 +86,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
 
     # XLA's boolean options must be Python bools: the string "true" is refused.
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
-    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm")}
+    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm", "linear")}
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...
         config[field] = options.pop(field)

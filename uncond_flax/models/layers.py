@@ -7,6 +7,7 @@ affine) means training from scratch starts from the same distribution as diffuse
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -191,6 +192,59 @@ CONV_IMPLS: dict[str, Callable[..., jax.Array]] = {
     "conv": lax.conv_general_dilated,
     "matmul": conv_as_matmul,
 }
+
+
+def _dense_dims(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
+    """Whether `dimension_numbers` are nnx.Linear's: the last axis of `lhs` against a 2-D kernel's first."""
+    return (
+        rhs.ndim == 2
+        and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
+        and not any(dimension_numbers[1])
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_canonical_grad(x: jax.Array, kernel: jax.Array, precision, preferred_element_type) -> jax.Array:
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type)
+
+
+def _dense_canonical_grad_fwd(x, kernel, precision, preferred_element_type):
+    return _dense_canonical_grad(x, kernel, precision, preferred_element_type), (x, kernel)
+
+
+def _dense_canonical_grad_bwd(precision, preferred_element_type, residuals, dy):
+    x, kernel = residuals
+    x_NC, dy_NO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision, preferred_element_type)
+    # (C, N) @ (N, O), both operands laid out as written: the barriers keep XLA from folding the transposes into
+    # the product's operand layouts (see `dense_dot`).
+    xT_CN, dy_NO = lax.optimization_barrier((x_NC.T, dy_NO))
+    dkernel = lax.dot_general(xT_CN, dy_NO, (((1,), (0,)), ((), ())), precision, preferred_element_type)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_dense_canonical_grad.defvjp(_dense_canonical_grad_fwd, _dense_canonical_grad_bwd)
+
+
+def dense_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """nnx.Linear's product, `lax.dot_general`, but on CPU with the kernel's gradient computed as a plain
+    (C, N) @ (N, O) product of copies laid out as written.
+
+    Left to autodiff, the kernel's gradient contracts the N = batch x tokens rows of both operands, and XLA:CPU
+    takes the output gradient transposed where it comes from the attention's heads: that product runs outside
+    YNNPACK at ~40 GFLOP/s (the small UNet's 16 attention projections, (4096, 64) by (4096, 64) rows: 0.8-1.0 ms
+    each, 11 ms of the step's 19 ms of dots); the plain product and its copy run at 150-190 GFLOP/s. The small
+    UNet's step went from 0.225 to 0.215 s, the digits UNet's from 0.053 to 0.050 s (bench/bench_train_step.py
+    --jax "" --jax "linear=dot", one core). The values are the same products, summed in another order.
+    """
+    if jax.default_backend() == "cpu" and not kw.get("out_sharding") and _dense_dims(lhs, rhs, dimension_numbers):
+        return _dense_canonical_grad(lhs, rhs, precision, preferred_element_type)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+
+# How Linear layers compute their product: "auto" = `dense_dot` (on CPU, the kernel's gradient as a plain product;
+# elsewhere lax.dot_general), "dot" = lax.dot_general, its gradient left to autodiff.
+LINEAR_IMPLS: dict[str, Callable[..., jax.Array]] = {"auto": dense_dot, "dot": lax.dot_general}
 # How the attention block computes softmax(q k^T) v: "xla" = jax.nn.dot_product_attention over all heads at
 # once; "per_head" = one head at a time (a loop), recomputed in the backward pass; "blockwise" = a few (image,
 # head) pairs at a time with a hand-written backward pass (attention.attention_blockwise); "auto" = blockwise on
@@ -201,17 +255,18 @@ ATTENTION_IMPLS = ("auto", "xla", "per_head", "blockwise")
 # on CPU, where XLA runs the short minor-axis reductions slowly: norm + SiLU 6x faster at 16 channels in 8 groups,
 # 1.2x at 224 in 32; the digits UNet samples 1.4x faster (bench_sampling.py, bench_train_step.py --jax norm=...).
 NORM_IMPLS = ("auto", "grouped", "channel_sums")
-_impls = {"conv": "auto", "attention": "auto", "norm": "auto"}
+_impls = {"conv": "auto", "attention": "auto", "norm": "auto", "linear": "auto"}
 
 
 @contextlib.contextmanager
 def implementations(
-    *, conv: str | None = None, attention: str | None = None, norm: str | None = None
+    *, conv: str | None = None, attention: str | None = None, norm: str | None = None, linear: str | None = None
 ) -> Iterator[None]:
-    """Layers built inside compute convolutions / attention / group norms as named (CONV_IMPLS, ATTENTION_IMPLS,
-    NORM_IMPLS)."""
-    chosen = {"conv": conv, "attention": attention, "norm": norm}
-    for kind, choices in (("conv", CONV_IMPLS), ("attention", ATTENTION_IMPLS), ("norm", NORM_IMPLS)):
+    """Layers built inside compute convolutions / attention / group norms / linear layers as named (CONV_IMPLS,
+    ATTENTION_IMPLS, NORM_IMPLS, LINEAR_IMPLS)."""
+    chosen = {"conv": conv, "attention": attention, "norm": norm, "linear": linear}
+    kinds = (("conv", CONV_IMPLS), ("attention", ATTENTION_IMPLS), ("norm", NORM_IMPLS), ("linear", LINEAR_IMPLS))
+    for kind, choices in kinds:
         if chosen[kind] is not None:
             check_choice(kind, chosen[kind], tuple(choices), "implementations")
     previous = dict(_impls)
@@ -223,7 +278,7 @@ def implementations(
 
 
 def current_implementation(kind: str) -> str:
-    """The implementation layers built now use for `kind` ("conv", "attention" or "norm")."""
+    """The implementation layers built now use for `kind` ("conv", "attention", "norm" or "linear")."""
     return _impls[kind]
 
 
@@ -268,6 +323,7 @@ def linear(
         param_dtype=param_dtype,
         kernel_init=_torch_kernel_init,
         bias_init=_torch_bias_init(in_features),
+        dot_general=LINEAR_IMPLS[_impls["linear"]],
         rngs=rngs,
     )
 
