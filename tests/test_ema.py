@@ -16,8 +16,10 @@ VARIANTS = {
     "script_defaults": SCRIPT,
     # max_decay 0.6 is reached at step 4, so the clamp is exercised within the run.
     "gamma_power_max": dict(decay=0.6, use_ema_warmup=True, inv_gamma=2.5, power=2 / 3),
+    # The warmup's decay, 1 - 1 / (1 + step / 10), is under min_decay 0.3 for its first 4 steps (after
+    # update_after_step): the lower clamp binds there.
     "min_decay_after_step": dict(
-        decay=0.999, use_ema_warmup=True, inv_gamma=0.5, power=1.0, min_decay=0.3, update_after_step=3
+        decay=0.999, use_ema_warmup=True, inv_gamma=10.0, power=1.0, min_decay=0.3, update_after_step=3
     ),
     "no_warmup": dict(decay=0.95, use_ema_warmup=False, update_after_step=1),
 }
