@@ -353,6 +353,11 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     assert int(after.skipped_steps) == 2 and int(after.consecutive_skips) == 2 and int(after.step) == 3
     for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A finite step after them: counted as applied, and the run of skips (what max_consecutive_skips limits) ends.
+    healed = after.replace(params=jax.tree.map(lambda x: x, after.params))
+    healed.params["conv_in"]["kernel"][...] = kernel[...]
+    again = run_steps(config, make_mesh(), 1, state=healed)
+    assert int(again.skipped_steps) == 2 and int(again.consecutive_skips) == 0 and int(again.step) == 4
 
 
 def test_a_finite_loss_with_overflowing_gradients_is_skipped(tmp_path):
