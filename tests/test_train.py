@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from uncond_flax.data import build_train_loader
-from uncond_flax.optim import make_optimizer
+from uncond_flax.optim import lr_schedule_for, make_optimizer
 from uncond_flax.parallel import make_mesh
 from uncond_flax.step import make_train_step
 from uncond_flax.config import noise_scheduler_for, resolve_config
@@ -45,23 +45,22 @@ def read_metrics(config):
         return [json.loads(line) for line in f]
 
 
-def build_step(config, mesh):
-    """(fresh TrainState, jitted train step) for a resolved `config` on `mesh`."""
+def build_step(config, mesh, lr_fn=None):
+    """(fresh TrainState, jitted train step) for a resolved `config` on `mesh`; `lr_fn` gives the logged lr (0)."""
     tx = make_optimizer(config, 100)
     graphdef, _, state, _ = create_train_state(config, mesh, tx)
+    lr_fn = lr_fn or (lambda s: 0.0)
     step = jax.jit(
-        make_train_step(
-            graphdef, tx=tx, lr_fn=lambda s: 0.0, noise_scheduler=noise_scheduler_for(config), config=config
-        )
+        make_train_step(graphdef, tx=tx, lr_fn=lr_fn, noise_scheduler=noise_scheduler_for(config), config=config)
     )
     return state, step
 
 
-def run_steps(config, mesh, steps, state=None, with_metrics=False):
+def run_steps(config, mesh, steps, state=None, with_metrics=False, lr_fn=None):
     """Train `steps` optimizer steps with the real loader and step on `mesh` (from `state` if given)."""
     config = resolve_config(config)
     with build_train_loader(config, mesh) as loader:
-        fresh, step = build_step(config, mesh)
+        fresh, step = build_step(config, mesh, lr_fn)
         state = fresh if state is None else state
         metrics = []
         for _ in range(steps):
@@ -354,10 +353,14 @@ def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     for a, b in zip(jax.tree.leaves(poisoned.params), jax.tree.leaves(after.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A finite step after them: counted as applied, and the run of skips (what max_consecutive_skips limits) ends.
+    # Its logged lr is the one its update used: the schedule counts applied updates only (accelerate skips
+    # lr_scheduler.step() with a skipped optimizer step), so one update in, not three (warmup of 2: 5e-4, not 1e-3).
     healed = after.replace(params=jax.tree.map(lambda x: x, after.params))
     healed.params["conv_in"]["kernel"][...] = kernel[...]
-    again = run_steps(config, make_mesh(), 1, state=healed)
+    lr_fn = lr_schedule_for(resolve_config(config), 100)
+    again, metrics = run_steps(config, make_mesh(), 1, state=healed, with_metrics=True, lr_fn=lr_fn)
     assert int(again.skipped_steps) == 2 and int(again.consecutive_skips) == 0 and int(again.step) == 4
+    assert float(metrics[0]["lr"]) == float(lr_fn(1)) == pytest.approx(5e-4)
 
 
 def test_a_finite_loss_with_overflowing_gradients_is_skipped(tmp_path):

@@ -150,7 +150,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "lr": lr_fn(state.step - state.skipped_steps),  # the lr this update used (0 if skipped)
+            "lr": lr_fn(state.step - state.skipped_steps),  # the schedule at the applied updates' count: this update's lr
             "grad_norm": grad_norm,
             "ema_decay": decay,
             "skipped_steps": new_state.skipped_steps,
