@@ -150,7 +150,8 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "lr": lr_fn(state.step - state.skipped_steps),  # the schedule at the applied updates' count: this update's lr
+            # The schedule at the count of applied updates (skipped ones do not count): the lr this update used.
+            "lr": lr_fn(state.step - state.skipped_steps),
             "grad_norm": grad_norm,
             "ema_decay": decay,
             "skipped_steps": new_state.skipped_steps,
