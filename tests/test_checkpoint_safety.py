@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +22,7 @@ from etils import epath
 from test_checkpointing import CHILD_ENV, kernel, metrics_at, run_child, saved_state, train_cmd, wait_for
 from test_train import ROOT, tiny_config
 
-from uncond_flax.checkpointing import checkpoint_dir
+from uncond_flax.checkpointing import Checkpointer, checkpoint_dir
 from uncond_flax.config import ConfigError
 from uncond_flax.run_lock import LOCK_NAME, Holder, LocalLockFile, LockHeld, RunLock
 from uncond_flax.train import train_and_evaluate
@@ -70,6 +71,12 @@ def test_a_used_output_dir_needs_resume_or_overwrite_and_an_older_resume_sets_ne
     (aside,) = abandoned_dirs(checkpoints)
     assert steps_in(checkpoints) == [2, 4] and steps_in(aside) == [4, 6]
     assert f"moved the newer checkpoints [4, 6] (another trajectory, or damaged) to {aside}" in caplog.text
+
+    # Resuming from another checkpoints folder (here the set-aside one) over this output_dir's own checkpoints is
+    # a fresh start for this folder: refused the same way, nothing touched.
+    with pytest.raises(ConfigError, match=r"holds checkpoints \[2, 4\] of an earlier run; .*overwrite_output_dir"):
+        train_and_evaluate(tiny_config(tmp_path, max_train_steps=6, resume_from_checkpoint=str(aside), **COMMON))
+    assert steps_in(checkpoints) == [2, 4] and steps_in(aside) == [4, 6]
     new_4 = kernel(saved_state(tmp_path / "out", 4)["params"], "conv_out")
     assert not np.array_equal(old_4, new_4)  # the new trajectory's step 4, not the old one
 
@@ -107,6 +114,14 @@ def _damage(checkpoints, good, step, how):
         (target / "state" / "_METADATA").unlink()
     elif how == "no data/metadata":
         (target / "data" / "metadata").unlink()
+    elif how == "no state/commit_success.txt":
+        (target / "state" / "commit_success.txt").unlink()
+    elif how in ("edited data position", "edited config"):  # valid JSON, readable: only the digest tells
+        item = target / ("data" if how == "edited data position" else "config") / "metadata"
+        record = json.loads(item.read_text())
+        key = "step_in_epoch" if how == "edited data position" else "learning_rate"
+        record[key] = record[key] * 2 + 1
+        item.write_text(json.dumps(record))
 
 
 DAMAGE = {
@@ -115,6 +130,9 @@ DAMAGE = {
     7: ("no _METADATA", r"is incomplete: .*/7/state/_METADATA is missing"),
     8: ("no data/metadata", r"is incomplete: .*/8/data/metadata is missing"),
     9: ("empty folder", r"is incomplete: .*/9/commit_success.txt is missing"),
+    10: ("no state/commit_success.txt", r"is incomplete: .*/10/state/commit_success.txt is missing"),
+    11: ("edited data position", r"is damaged: the checksums saved with it do not match data$"),
+    12: ("edited config", r"is damaged: the checksums saved with it do not match config$"),
 }
 
 
@@ -206,6 +224,98 @@ def test_run_lock_heartbeat_and_a_lost_lock(tmp_path):
     assert lock.lost
     lock.release()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == theirs.token
+
+
+def test_the_local_lock_file_acts_only_on_the_version_it_saw(tmp_path):
+    path = tmp_path / LOCK_NAME
+    ours, theirs = LocalLockFile(str(path)), LocalLockFile(str(path))  # two runs
+    assert ours.read() is None
+    released = ours.create(b"an earlier run")
+    ours.delete(released)
+    first = ours.create(b"ours")
+    assert first is not None and path.read_bytes() == b"ours"
+    assert theirs.create(b"theirs") is None and path.read_bytes() == b"ours"
+    # The version they judged stale is gone: their takeover of it writes nothing and leaves nothing beside it.
+    assert theirs.replace(b"theirs", released) is None and path.read_bytes() == b"ours"
+    assert os.listdir(tmp_path) == [LOCK_NAME]
+    taken = theirs.replace(b"theirs", first)
+    assert taken is not None and path.read_bytes() == b"theirs" and os.listdir(tmp_path) == [LOCK_NAME]
+    # The old holder can neither renew nor release what is now theirs.
+    assert ours.refresh(first) is None
+    ours.delete(first)
+    assert path.read_bytes() == b"theirs"
+    theirs.delete(taken)
+    assert not path.exists()
+
+
+def _process_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_run_lock_takes_over_a_reused_pid_and_an_exited_unreaped_process(tmp_path, caplog):
+    store = LocalLockFile(str(tmp_path / LOCK_NAME))
+    # The pid is alive (this process), but it started at another time: the holder exited and its pid was reused.
+    _holder_file(tmp_path / LOCK_NAME, pid=os.getpid(), pid_start="1")
+    with caplog.at_level("WARNING", logger="uncond_flax"):
+        RunLock(store, "output_dir X").acquire().release()
+    assert f"pid {os.getpid()} on this host has exited" in caplog.text
+
+    # A holder that exited but whose parent has not collected it yet (a zombie) is dead too.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while _process_state(child.pid) != "Z" and time.time() < deadline:
+            time.sleep(0.05)
+        assert _process_state(child.pid) == "Z"
+        with open(f"/proc/{child.pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        _holder_file(tmp_path / LOCK_NAME, pid=child.pid, pid_start=start)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="uncond_flax"):
+            RunLock(store, "output_dir X").acquire().release()
+        assert f"pid {child.pid} on this host has exited" in caplog.text
+    finally:
+        child.wait()
+
+
+@flax.struct.dataclass
+class _TinyState:
+    params: dict
+    ema_params: dict
+
+
+def _tiny_state(value):
+    return _TinyState(params={"w": jnp.full((4,), value)}, ema_params={"w": jnp.full((4,), value)})
+
+
+def test_a_save_is_refused_before_newer_steps_for_non_finite_weights_and_after_the_lock_is_lost(tmp_path):
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(str(directory), max_to_keep=2)
+    lock = None
+    try:
+        checkpointer.save(4, _tiny_state(1.0), {"global_step": 4}, {"seed": 0})
+        checkpointer.wait()
+        # Retention keeps the newest steps: an older one would be deleted as soon as it was written.
+        with pytest.raises(ValueError, match=rf"^refusing to checkpoint step 2: {directory} holds newer steps \[4\]"):
+            checkpointer.save(2, _tiny_state(1.0), {"global_step": 2}, {"seed": 0})
+        with pytest.raises(FloatingPointError, match=r"^refusing to checkpoint step 6: the weights contain NaN or inf"):
+            checkpointer.save(6, _tiny_state(float("nan")), {"global_step": 6}, {"seed": 0})
+        # Another run judged this one dead and took its lock: this one must not write into that run's folder.
+        lock = RunLock(LocalLockFile(str(directory / LOCK_NAME)), "output_dir X", heartbeat_s=0.05).acquire()
+        checkpointer.lock = lock
+        _holder_file(directory / LOCK_NAME, host="elsewhere", boot_id="other", pid=1)
+        deadline = time.time() + 30
+        while not lock.lost and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=rf"^not saving step 8: another run took over {directory / LOCK_NAME}"):
+            checkpointer.save(8, _tiny_state(1.0), {"global_step": 8}, {"seed": 0})
+        checkpointer.wait()
+        assert steps_in(directory) == [4]
+    finally:
+        if lock is not None:
+            lock.release()
+        checkpointer.close()
 
 
 def test_a_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):

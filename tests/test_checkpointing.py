@@ -144,6 +144,23 @@ def test_sigterm_and_kill_9_then_resume_is_bit_exact(tmp_path):
     assert all(losses_b[s] == losses_a[s] for s in losses_b)
 
 
+def test_a_sigterm_on_a_checkpointing_step_saves_once_and_exits_for_requeue(tmp_path):
+    # The step's periodic checkpoint is the preemption checkpoint: not written twice (orbax refuses a second save of
+    # a step, which turned the preemption into a failed run that a scheduler would not requeue).
+    stopped = run_child(
+        train_cmd(
+            tmp_path,
+            "--config.max_train_steps=6",
+            "--config.checkpointing_steps=2",
+            script="tests/fixtures/sigterm_at_step.py",
+        ),
+        env={**CHILD_ENV, "UNCOND_FLAX_SIGTERM_AT_STEP": "2"},
+    )
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert "preempted: checkpoint at step 2 saved in" in stopped.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
 def test_restore_on_another_device_count_continues_training(tmp_path, monkeypatch):
     # 8 devices x 2 per device, then 1 device x 16: the same global batch, so the same data.
     eight = tiny_config(
@@ -209,6 +226,10 @@ def test_total_limit_latest_when_empty_and_model_mismatch(tmp_path, caplog):
     )
     with pytest.raises(ConfigError, match=r"checkpoint 6 .* model\.layers_per_block differ"):
         train_and_evaluate(other_model)
+    # EMA on or off changes the TrainState's structure: named as such, not as an unreadable checkpoint.
+    without_ema = tiny_config(tmp_path, resume_from_checkpoint="checkpoint-6", use_ema=False)
+    with pytest.raises(ConfigError, match=r"checkpoint 6 .* training setup: use_ema differ"):
+        train_and_evaluate(without_ema)
     with pytest.raises(ConfigError, match=r"no checkpoint for step 5 .*found \[4, 6\]"):
         train_and_evaluate(tiny_config(tmp_path, resume_from_checkpoint="5", use_ema=True))
 
@@ -247,6 +268,9 @@ def test_close_waits_for_the_cleanup_of_a_killed_save(tmp_path):
     stale.mkdir(parents=True)
     (stale / "partial").write_text("x")
     (tmp_path / "checkpoints" / "notes.txt").write_text("kept")
+    # A reader (convert, sample, another run resuming from here) leaves it: the run that owns it may be saving.
+    Checkpointer(str(tmp_path / "checkpoints"), read_only=True).close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["7.orbax-checkpoint-tmp-1234", "notes.txt"]
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
     checkpointer.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["notes.txt"]
@@ -274,3 +298,12 @@ def test_resume_without_ema_in_fp16_is_bit_exact(tmp_path):
     losses = {m["step"]: m["loss"] for m in read_metrics(straight_config)}
     after_resume = {m["step"]: m["loss"] for m in read_metrics(resumed_config) if m["step"] > 2}
     assert after_resume == {3: losses[3], 4: losses[4]}
+
+    # No EMA weights to export: convert says so (and writes nothing) rather than export the raw ones as EMA.
+    from uncond_flax.convert import main as convert
+
+    with pytest.raises(
+        SystemExit, match=r"checkpoint .*/4 has no EMA weights \(trained with use_ema=False\); pass --raw"
+    ):
+        convert([str(tmp_path / "split" / "out" / "checkpoints" / "4"), "--output", str(tmp_path / "ema")])
+    assert not (tmp_path / "ema").exists()

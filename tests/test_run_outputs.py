@@ -14,8 +14,9 @@ from flax import nnx
 from test_checkpointing import CHILD_ENV, metrics_at, run_child, train_cmd
 from test_train import tiny_config
 
-from uncond_flax.config import resolve_config
+from uncond_flax.config import ConfigError, resolve_config
 from uncond_flax.rng import PURPOSES, purpose_key, step_keys
+from uncond_flax.run_lock import LOCK_NAME
 from uncond_flax.train import train_and_evaluate
 from uncond_flax.train_state import build_model
 
@@ -54,6 +55,20 @@ def test_a_preemption_on_an_epochs_last_step_still_does_its_end_work_after_resum
     names = ("unet/diffusion_pytorch_model.safetensors", "samples/epoch_0000.png", "samples/epoch_0001.png")
     for name in names:
         assert (run / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+def test_the_last_epoch_always_gets_its_grid_and_an_export_of_the_final_weights(tmp_path):
+    # 7 steps an epoch (global batch 256), 9 steps: epoch 1 is the last and partial; neither interval reaches it.
+    config = tiny_config(
+        tmp_path, train_batch_size=32, max_train_steps=9, use_ema=True, save_images_epochs=1000, save_model_epochs=1000
+    )
+    state = train_and_evaluate(config)
+    assert _files(os.path.join(config.output_dir, "samples")) == ["epoch_0000.png", "epoch_0001.png"]
+    from safetensors.numpy import load_file
+
+    exported = load_file(os.path.join(config.output_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    final = np.asarray(state.ema_params["conv_out"]["kernel"][...]).transpose(3, 2, 0, 1)
+    np.testing.assert_array_equal(exported["conv_out.weight"], final)
 
 
 def test_resume_repairs_a_torn_metrics_file_and_replays_no_step(tmp_path):
@@ -189,6 +204,25 @@ def test_the_hub_token_is_used_but_never_written(tmp_path, monkeypatch, caplog):
     for name in _files(out):
         with open(os.path.join(out, name), "rb") as f:
             assert FAKE_TOKEN.encode() not in f.read(), name
+
+
+def test_a_hub_repo_that_cannot_be_created_stops_before_training_without_the_token(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import HfApi
+
+    def create_repo(self, repo_id, **kwargs):
+        raise OSError(f"401 Unauthorized: bad token {self.token}\nfor {repo_id}")  # an error that quotes the token
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    config = tiny_config(
+        tmp_path, max_train_steps=2, push_to_hub=True, hub_token=FAKE_TOKEN, hub_model_id="me/ddpm-digits"
+    )
+    with caplog.at_level("INFO"), pytest.raises(ConfigError) as failure:
+        train_and_evaluate(config)
+    assert str(failure.value) == (
+        "push_to_hub: cannot create or reach 'me/ddpm-digits': 401 Unauthorized: bad token *** for me/ddpm-digits"
+    )
+    assert FAKE_TOKEN not in caplog.text
+    assert not os.path.exists(os.path.join(config.output_dir, "checkpoints", LOCK_NAME))  # released for a retry
 
 
 def test_each_purpose_has_its_own_random_stream(tmp_path):

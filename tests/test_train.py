@@ -134,6 +134,20 @@ def test_training_lowers_the_loss_and_writes_diffusers_outputs(tmp_path, monkeyp
 
     assert calls[0][:2] == ("create", "me/ddpm-digits")
     assert calls[1][0] == "upload" and calls[1][1]["folder_path"] == out and calls[1][1]["repo_id"] == "me/ddpm-digits"
+    # What the Hub client sends of that folder (its own pattern filter): the pipeline and card, no sample grids or
+    # checkpoints.
+    from huggingface_hub.utils import filter_repo_objects
+
+    upload = calls[1][1]
+    local = [os.path.relpath(os.path.join(root, f), out) for root, _, files in os.walk(out) for f in files]
+    sent = set(
+        filter_repo_objects(
+            local, allow_patterns=upload.get("allow_patterns"), ignore_patterns=upload.get("ignore_patterns")
+        )
+    )
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= sent
+    assert "samples/epoch_0000.png" in local
+    assert not any(f.startswith(("samples/", "checkpoints/")) for f in sent), sorted(sent)
     assert os.path.isfile(os.path.join(out, "README.md"))
 
 
