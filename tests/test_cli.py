@@ -149,6 +149,17 @@ def test_bad_override_is_one_line_and_verbose_shows_the_traceback_behind_it():
     assert parse.stderr.strip().splitlines()[-1].startswith("train_flax.py: error: ")
 
 
+def test_config_name_as_its_own_argument_and_stray_arguments_are_one_line(tmp_path):
+    # `--config digits` (absl's other form) resolves the shipped name too; a word that is no flag (a forgotten
+    # `--config.` prefix) stops the run instead of being dropped. dataset_name=None: a run that got past both checks
+    # would stop at the missing data instead, never train.
+    result = _run("--config", "digits", "--config.dataset_name=None", "resolution=32", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train_flax.py: error: unexpected arguments ['resolution=32']: set fields with --config.FIELD=VALUE"
+    ]
+
+
 def _catches_sigterm(pid: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
         mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))

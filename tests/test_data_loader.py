@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-from fixtures.data_factory import TFDS_DIR, TFDS_NAME, data_config, make_image_folder
+from fixtures.data_factory import TFDS_DIR, TFDS_NAME, data_config, gradient, make_image_folder
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -309,3 +309,46 @@ def test_process_rows(mesh):
     assert process_rows(mesh, 16, 3, 4) == ((12, 13, 14, 15), False)  # simulated: contiguous equal blocks
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         process_rows(mesh, 16, 0, 3)
+
+
+def test_set_state_refuses_another_run_and_restores_the_skipped_images(mesh, numbered):
+    config = data_config(train_data_dir=numbered, center_crop=True, seed=7)
+    with build_train_loader(config, mesh) as loader:
+        saved = json.loads(json.dumps(loader.get_state()))
+        assert (saved["num_examples"], saved["global_batch_size"], saved["accumulation_steps"]) == (24, 8, 1)
+        # A checkpoint's position: step 4 = epoch 1, step 1 of 3; two bad images met before it.
+        state = {**saved, "global_step": 4, "epoch": 1, "step_in_epoch": 1, "skipped_indices": [5, 11]}
+        for key, other in (("seed", 8), ("num_examples", 25), ("global_batch_size", 16), ("accumulation_steps", 2)):
+            with pytest.raises(ValueError, match=rf"does not match this run: {key} {other} \(now {saved[key]}\)"):
+                loader.set_state({**state, key: other})
+        with pytest.raises(ValueError, match="unknown data loader state version 2"):
+            loader.set_state({**state, "version": 2})
+        for position in ({"epoch": 0}, {"step_in_epoch": 2}, {"global_step": -1, "epoch": -1, "step_in_epoch": 2}):
+            with pytest.raises(ValueError, match="inconsistent data loader state"):
+                loader.set_state({**state, **position})
+        assert loader.global_step == 0  # nothing refused moved it
+        loader.set_state(state)
+        assert (loader.global_step, loader.epoch, loader.step_in_epoch) == (4, 1, 1)
+        assert loader.num_skipped_images == 2 and loader.get_state()["skipped_indices"] == [5, 11]
+
+
+def test_crops_and_flips_are_the_documented_draws_read_back_from_the_pixels(mesh, tmp_path):
+    # transforms.py: example i in epoch e crops and flips with numpy's default_rng([seed, e, i, 0]): the top offset,
+    # the left one, then the flip (p = 0.5), as torchvision's RandomCrop and RandomHorizontalFlip draw them. 16 px
+    # tall images need no resize at resolution 16 (top is always 0), so each left offset and flip is read from G = x.
+    for i in range(8):
+        PIL.Image.fromarray(gradient(16, 28, 10 * i)).save(tmp_path / f"{i}.png")
+    config = data_config(train_data_dir=str(tmp_path), center_crop=False, random_flip=True, seed=3)
+    with build_train_loader(config, mesh) as loader:
+        assert loader.steps_per_epoch == 1
+        batches = take(loader, 3)
+    flips = 0
+    for epoch, images_ABHWC in enumerate(batches):
+        for image in images_ABHWC[0]:
+            index = int(image[0, 0, 0]) // 10
+            rng = np.random.default_rng([3, epoch, index, 0])
+            top, left, flip = rng.integers(0, 1), rng.integers(0, 28 - 16 + 1), rng.random() < 0.5
+            columns = np.arange(left, left + 16)[::-1] if flip else np.arange(left, left + 16)
+            np.testing.assert_array_equal(image, gradient(16, 28, 10 * index)[top:, columns])
+            flips += flip
+    assert 0 < flips < 24

@@ -192,7 +192,21 @@ def test_config_errors(tmp_path):
         open_source(data_config(dataset_name="digits", train_data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"train_data_dir '.*nope' does not exist"):
         open_source(data_config(train_data_dir=str(tmp_path / "nope")))
+    # A dataset_name that is a path is a local dataset, missing or not: never a Hub id to look up.
+    for missing in (str(tmp_path / "gone"), "./gone/data", "~/gone/data"):
+        with pytest.raises(FileNotFoundError, match=r"^dataset_name '.*gone(/data)?' does not exist$"):
+            open_source(data_config(dataset_name=missing, cache_dir=str(tmp_path)))
     os.makedirs(tmp_path / "empty")
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match="contains no images, .parquet or .arrow files"):
         open_source(data_config(train_data_dir=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("field", ["dataset_name", "train_data_dir"])
+def test_a_folder_under_home_is_read_from_a_tilde_path(tmp_path, monkeypatch, field):
+    os.makedirs(tmp_path / "home" / "imgs")
+    for i in range(3):
+        PIL.Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(tmp_path / "home" / "imgs" / f"{i}.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    source = open_source(data_config(**{field: "~/imgs"}, cache_dir=str(tmp_path / "cache")))
+    assert len(source) == 3

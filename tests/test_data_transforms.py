@@ -317,3 +317,20 @@ def test_8bit_images_take_the_precision_path_without_8bit_rounding():
     assert np.abs(_precise(png, 16) - reference).max() < PRECISE_ATOL
     # without the flag: the same image within the one 8-bit level PIL's uint8 resize rounds to
     assert np.abs(_precise(png, 16, preserve_input_precision=False) - reference).max() < 2 / 255
+
+
+def test_rgb_16bit_array_for_a_grayscale_model_is_pils_l_conversion():
+    # An RGB array whose 16-bit levels are 8-bit ones scaled exactly (x 257): the L channel is PIL's own RGB -> L
+    # (ITU-R 601 luma) of the 8-bit image, kept unrounded, so within half an 8-bit level of what PIL rounds to.
+    rgb8 = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = loader_transform(
+        rgb8.astype(np.uint16) * 257,
+        resolution=16,
+        mode="L",
+        center_crop=True,
+        random_flip=False,
+        preserve_input_precision=True,
+    )
+    assert out.shape == (16, 16, 1) and out.dtype == np.uint16
+    pil_l = np.asarray(PIL.Image.fromarray(rgb8).convert("L"), np.float64) / 255
+    assert np.abs(out[..., 0] / 65535 - pil_l).max() <= 0.5 / 255 + 1 / 65535

@@ -159,6 +159,23 @@ def test_clip_matches_torch(scale):
         np.testing.assert_allclose(np.asarray(halved[k]), grads[k] * min(1.0, 1.0 / (doubled + 1e-6)), rtol=1e-6)
 
 
+def test_clip_is_torchs_to_the_bit_where_the_norm_is_exact():
+    # Leaf norms 5 and 12, total 13: float32 holds every norm exactly, so torch's coefficient
+    # max_norm / (total + 1e-6), and at a total of exactly max_norm its slight shrink, must be reproduced bit for bit.
+    base = {"a": np.array([3.0, 4.0], np.float32), "b": np.array([[0.0, 12.0]], np.float32)}
+    clip = clip_by_global_norm_like_torch(1.0)
+    for scale in (1.0, np.float32(1 / 13)):  # total norm 13, and 1.0 (its float32 rounding)
+        grads = {k: v * np.float32(scale) for k, v in base.items()}
+        params = [torch.nn.Parameter(torch.zeros(v.shape)) for v in grads.values()]
+        for p, g in zip(params, grads.values()):
+            p.grad = torch.from_numpy(g.copy())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        ours, _ = jax.jit(clip.update)(grads, clip.init(grads))
+        for p, k in zip(params, grads):
+            np.testing.assert_array_equal(np.asarray(ours[k]), p.grad.numpy(), err_msg=f"total norm {13 * scale}")
+            assert not np.array_equal(np.asarray(ours[k]), grads[k])  # clipped, if only by 1e-6 at norm 1
+
+
 def _config(**kw) -> ml_collections.ConfigDict:
     cfg = get_config()
     for k, v in kw.items():

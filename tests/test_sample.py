@@ -11,14 +11,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from PIL import Image
 from test_checkpointing import CHILD_ENV, run_child
 from test_sampling import CONFIG
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
 from uncond_flax.export import load_scheduler_config
-from uncond_flax.sample import main
+from uncond_flax.sample import NpzWriter, main
 
 REPO_ID = "tester/tiny-vpred"
 
@@ -63,6 +63,13 @@ def image_x_T(seed, index, shape):
     return np.asarray(jax.random.normal(init_key, shape))
 
 
+def image_step_noise(seed, index, step, shape):
+    """The documented noise contract: step j (0-based) of image i adds normal(fold_in(split(fold_in(key(seed), i))[1],
+    j)) wherever the scheduler adds noise."""
+    _, steps_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
+    return np.asarray(jax.random.normal(jax.random.fold_in(steps_key, step), shape))
+
+
 def read_npz(output_dir):
     with np.load(output_dir / "samples.npz") as f:
         assert list(f.keys()) == ["arr_0"]
@@ -100,6 +107,60 @@ def test_hub_id_offline_samples_with_the_pipelines_scheduler(tmp_path, vpred_pip
     expected = nhwc((x / 2 + 0.5).clamp(0, 1)) * 255
     assert np.abs(hub_images - expected).max() <= 0.5 + 1e-3 * 255  # rounding, and float32 order differences
     assert hub_images.std() > 10  # real images, not a clipped constant
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler])
+def test_the_pipelines_own_scheduler_samples_with_the_documented_noise(tmp_path, vpred_pipeline, scheduler_class):
+    """Without --scheduler, a pipeline saved with a DDIMScheduler samples with DDIM and one saved with a DDPMScheduler
+    with DDPM, each as diffusers' scheduler loop does from the documented x_T and (DDPM) per-step noise."""
+    unet = DDPMPipeline.from_pretrained(str(vpred_pipeline)).unet
+    folder = tmp_path / scheduler_class.__name__
+    scheduler = scheduler_class.from_pretrained(str(vpred_pipeline), subfolder="scheduler")
+    pipeline_class = DDIMPipeline if scheduler_class is DDIMScheduler else DDPMPipeline
+    pipeline_class(unet=unet, scheduler=scheduler).save_pretrained(str(folder))
+    seed, count, steps = 6, 2, 4
+    out = tmp_path / "out"
+    argv = ["--pipeline", str(folder), "--num_inference_steps", str(steps), "--num_images", str(count)]
+    assert main([*argv, "--seed", str(seed), "--output_dir", str(out)]) == 0
+    images = read_npz(out)
+
+    scheduler.set_timesteps(steps)
+    x = nchw(np.stack([image_x_T(seed, i, (8, 8, 3)) for i in range(count)]))
+    with torch.no_grad():
+        for j, t in enumerate(scheduler.timesteps):
+            model_output = unet(x, t).sample
+            if scheduler_class is DDIMScheduler:
+                x = scheduler.step(model_output, t, x, eta=0.0).prev_sample
+                continue
+            # diffusers' DDPM step adds std_t * randn(generator): drawn twice from known generators, the difference
+            # gives std_t, and the documented noise replaces the draw.
+            draws = [torch.randn(x.shape, generator=torch.Generator().manual_seed(g)) for g in (0, 1)]
+            outs = [
+                scheduler.step(model_output, t, x, generator=torch.Generator().manual_seed(g)).prev_sample
+                for g in (0, 1)
+            ]
+            delta = draws[0] - draws[1]
+            std = float(((outs[0] - outs[1]) * delta).sum() / (delta * delta).sum())
+            assert (std > 0) == (int(t) > 0)
+            ours = nchw(np.stack([image_step_noise(seed, i, j, (8, 8, 3)) for i in range(count)]))
+            x = outs[0] + std * (ours - draws[0])
+    expected = nhwc((x / 2 + 0.5).clamp(0, 1)) * 255
+    assert np.abs(images - expected).max() <= 0.5 + 1e-3 * 255  # rounding, and float32 order differences
+    assert images.std() > 10
+
+
+def test_npz_appears_only_when_complete(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    whole = NpzWriter(str(tmp_path / "whole.npz"), images.shape)
+    whole.write(images[:2])
+    whole.write(images[2:])
+    whole.close()
+    with np.load(tmp_path / "whole.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+    cut = NpzWriter(str(tmp_path / "cut.npz"), images.shape)
+    cut.write(images[:2])  # sampling stopped after two of three images
+    cut.close()
+    assert sorted(os.listdir(tmp_path)) == ["whole.npz"]  # no partial .npz, under its name or another
 
 
 def test_images_depend_only_on_seed_and_index(tmp_path, vpred_pipeline):
@@ -140,6 +201,9 @@ def test_bad_arguments_are_one_line(tmp_path, vpred_pipeline):
     assert "no such folder" in _error(["--pipeline", str(tmp_path / "missing")])
     assert "could not be fetched from the Hub" in _error(["--pipeline", "tester/not-in-any-cache"])
     assert "--raw applies to --checkpoint only" in _error([*pipe, "--raw"])
+    assert "--seed -1: must be in [0, 2**32)" in _error([*pipe, "--seed", "-1"])
+    assert f"--seed {2**32}: must be in [0, 2**32)" in _error([*pipe, "--seed", str(2**32)])
+    assert "--eta -0.5: must be >= 0" in _error([*pipe, "--scheduler", "ddim", "--eta", "-0.5"])
     assert "--eta applies to DDIM only" in _error([*pipe, "--eta", "0.5"])
     assert "num_inference_steps=500" in _error([*pipe, "--num_inference_steps", "500"])
     assert "no such directory" in _error(["--checkpoint", str(tmp_path / "run" / "checkpoints")])
