@@ -400,3 +400,27 @@ def test_array_checksums_see_every_bit_and_ignore_the_device_layout():
     variants["two rows swapped"] = tree["f32"][[1, 0, *range(2, 8)]]
     original = int(sums["f32"])
     assert all(int(v) != original for v in jax.device_get(_checksums(variants)).values())
+
+
+def test_a_checkpoint_with_nan_in_its_optimizer_state_is_refused_at_resume(tmp_path):
+    # Saves refuse non-finite weights and EMA weights only; a NaN elsewhere in the state (an Adam moment here),
+    # written with valid checksums, is caught when a run resumes from it, before a step could spread it.
+    config = tiny_config(tmp_path, max_train_steps=2, **COMMON)
+    state = train_and_evaluate(config)
+    checkpoints = epath.Path(tmp_path / "out" / "checkpoints")
+    read = ocp.JsonCheckpointHandler()
+    data, run_config = (read.restore(checkpoints / "2" / item) for item in ("data", "config"))
+    leaves, treedef = jax.tree.flatten(state.opt_state)
+    i = next(i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size > 1)
+    leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].set(jnp.nan)
+    shutil.rmtree(checkpoints / "2")
+    checkpointer = Checkpointer(str(checkpoints))
+    try:
+        checkpointer.save(2, state.replace(opt_state=jax.tree.unflatten(treedef, leaves)), data, run_config)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    resume = tiny_config(tmp_path, max_train_steps=4, resume_from_checkpoint="latest", **COMMON)
+    with pytest.raises(ConfigError, match=r"^checkpoint 2 in .* holds NaN or inf in its weights or optimizer state"):
+        train_and_evaluate(resume)
+    assert steps_in(checkpoints) == [2]
