@@ -8,6 +8,7 @@ from test_checkpointing import CHILD_ENV, metrics_at, run_child, train_cmd
 
 # One CPU device (no --xla_force_host_platform_device_count), as `python train_flax.py` runs on a laptop.
 ONE_DEVICE_ENV = {**CHILD_ENV, "XLA_FLAGS": ""}
+XLA_FLAGS_8_DEVICES = "--xla_force_host_platform_device_count=8"
 
 # A program whose temporary (an outer product, 128 MB) is larger than a glibc thread arena's heap (64 MB): called
 # the default way, XLA:CPU maps it afresh and faults in its 32,768 pages at every call.
@@ -55,3 +56,14 @@ def test_the_trainer_reuses_cpu_memory_on_one_device_and_not_when_told_not_to(tm
     # The same program either way: the same losses, bit for bit.
     losses = [[row["loss"] for row in metrics_at(tmp_path / d)] for d in ("on", "off")]
     assert losses[0] == losses[1] and len(losses[0]) == 2, losses
+
+
+def test_several_cpu_devices_keep_the_default_allocator():
+    # Programs over several CPU devices run on XLA's threads whatever is set: the allocator is left alone there.
+    script = (
+        "import jax; from uncond_flax.cpu_runtime import reuse_cpu_memory; applied = reuse_cpu_memory(); "
+        "print(jax.local_device_count(), applied)"
+    )
+    child = run_child([sys.executable, "-c", script], env={**CHILD_ENV, "XLA_FLAGS": XLA_FLAGS_8_DEVICES})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.split() == ["8", "False"], child.stdout

@@ -16,7 +16,7 @@ from uncond_flax.schedulers import FlaxDDPMScheduler
 from uncond_flax.step import diffusion_loss
 from uncond_flax.train_state import build_model, train_state_layout
 
-from test_train import run_steps, tiny_config
+from test_train import build_step, run_steps, tiny_config
 from torch_reference import nchw
 
 
@@ -54,6 +54,23 @@ def test_training_loss_matches_diffusers(prediction_type):
     np.testing.assert_allclose(float(ours), float(expected), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_images_are_scaled_to_minus_one_one_as_torchvision_does(dtype):
+    from uncond_flax.step import normalize_images
+
+    # Every uint8 value; for uint16 (preserve_input_precision) both ends and values between.
+    top = np.iinfo(dtype).max
+    values = np.unique(np.concatenate([np.arange(256), np.linspace(0, top, 1000).round(), [top - 1, top]]))
+    images = values[values <= top].astype(dtype).reshape(1, -1, 1, 1, 1)
+    # torchvision's ToTensor (uint8: .float().div(255)) / ConvertImageDtype (uint16: / iinfo.max), then
+    # Normalize([0.5], [0.5]): (x - mean) / std, as diffusers' train_unconditional.py composes them.
+    scaled = torch.from_numpy(images.astype(np.int64)).float() / float(torch.iinfo(torch.from_numpy(images).dtype).max)
+    expected = ((scaled - 0.5) / 0.5).numpy()
+    ours = normalize_images(jnp.asarray(images))
+    assert ours.dtype == jnp.float32 and float(ours.min()) == -1.0 and float(ours.max()) == 1.0
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=2e-7)
+
+
 def test_dropout_draws_a_mask_per_key_in_training_and_is_off_at_inference(tmp_path):
     with_dropout = build_model(tiny_config(tmp_path, **{"model.dropout": 0.5}))
     without = build_model(tiny_config(tmp_path))
@@ -85,6 +102,19 @@ def test_train_step_applies_dropout(tmp_path):
         tiny_config(tmp_path, train_batch_size=16, **{"model.dropout": 0.5}), mesh, 1, with_metrics=True
     )
     assert abs(float(dropped[0]["loss"]) - float(plain[0]["loss"])) > 1e-4
+
+
+def test_each_step_draws_its_own_noise_and_timesteps_from_seed_and_step_alone(tmp_path):
+    """The same weights and images: the loss (computed before the update) moves only with the noise and timesteps,
+    which must be new at every step, and the same again at the same step (what a resumed run relies on)."""
+    state, step = build_step(resolve_config(tiny_config(tmp_path)), make_mesh(devices=jax.devices()[:1]))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 16, 8, 8, 1), np.uint8))
+
+    def loss_at(step_number):
+        return float(step(state.replace(step=jnp.asarray(step_number, jnp.int32)), images)[1]["loss"])
+
+    losses = [loss_at(n) for n in (0, 1, 2, 0)]
+    assert losses[3] == losses[0] and len(set(losses[:3])) == 3, losses
 
 
 def test_rng_streams_draw_what_nnx_rngs_draws_and_tracing_builds_no_tracer_error_messages(tmp_path, monkeypatch):

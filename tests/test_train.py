@@ -356,6 +356,16 @@ def test_mixed_precision_trains_with_float32_master_weights(tmp_path, precision)
         assert int(state.skipped_steps) == 0
 
 
+def test_fp16_gradients_are_unscaled_before_clipping_and_logging(tmp_path):
+    # The loss is multiplied by 2**16 for the backward pass; the gradients the clip and the log see are divided back:
+    # the same weights, batch and noise give the float32 step's grad_norm, up to fp16's rounding.
+    grad_norms = {}
+    for precision in ("no", "fp16"):
+        _, metrics = run_steps(tiny_config(tmp_path, mixed_precision=precision), make_mesh(), 1, with_metrics=True)
+        grad_norms[precision] = float(metrics[0]["grad_norm"])
+    np.testing.assert_allclose(grad_norms["fp16"], grad_norms["no"], rtol=0.05)
+
+
 def test_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     config = tiny_config(tmp_path, train_batch_size=2)
     good = run_steps(config, make_mesh(), 1)

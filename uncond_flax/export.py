@@ -157,7 +157,7 @@ def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
         data = storage.read_bytes(st_file)
         try:
             return load(data)
-        except (TypeError, ValueError):  # bf16 tensors have no numpy dtype in safetensors.numpy
+        except (TypeError, ValueError, KeyError):  # bf16 has no numpy dtype: safetensors.numpy fails (KeyError: BF16)
             return _load_safetensors_via_flax(data)
     if storage.isfile(bin_file):
         try:
@@ -173,9 +173,23 @@ def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
 
 
 def _load_safetensors_via_flax(data: bytes) -> dict[str, np.ndarray]:
-    from safetensors.flax import load
+    """The file's tensors, bf16 ones as float32, read with ml_dtypes (safetensors.flax reads through
+    safetensors.numpy too, and fails the same way)."""
+    import ml_dtypes
 
-    return {k: np.asarray(v.astype(jnp.float32)) for k, v in load(data).items()}
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + size :]
+    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"{name}: safetensors dtype {info['dtype']} is not a weight dtype this loader reads")
+        start, end = info["data_offsets"]
+        value = np.frombuffer(body[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        out[name] = value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value.copy()
+    return out
 
 
 def _read_unet_config(folder: str) -> dict[str, Any]:
