@@ -309,6 +309,8 @@ def test_bfloat16_compute_keeps_float32_params():
         (dict(norm_num_groups=7), "norm_num_groups=7"),
         (dict(block_out_channels=(32, 64, 64)), "same length"),
         (dict(cross_attention_dim=768), "unknown UNet2DModel config keys ['cross_attention_dim']"),
+        (dict(layers_per_block=0), "layers_per_block=0 must be >= 1"),
+        (dict(time_embedding_type="learned"), "time_embedding_type='learned' needs num_train_timesteps"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
