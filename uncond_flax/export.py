@@ -158,7 +158,7 @@ def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
         try:
             return load(data)
         except (TypeError, ValueError, KeyError):  # bf16 has no numpy dtype: safetensors.numpy fails (KeyError: BF16)
-            return _load_safetensors_via_flax(data)
+            return _load_safetensors_with_ml_dtypes(data)
     if storage.isfile(bin_file):
         try:
             import torch
@@ -172,9 +172,9 @@ def _read_weights(folder: str, variant: str | None) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME}{suffix}.safetensors or .bin in {folder}")
 
 
-def _load_safetensors_via_flax(data: bytes) -> dict[str, np.ndarray]:
-    """The file's tensors, bf16 ones as float32, read with ml_dtypes (safetensors.flax reads through
-    safetensors.numpy too, and fails the same way)."""
+def _load_safetensors_with_ml_dtypes(data: bytes) -> dict[str, np.ndarray]:
+    """The file's tensors, bf16 ones as float32: its header read here and bf16 decoded with ml_dtypes
+    (safetensors.numpy has no bf16, and safetensors.flax reads through it)."""
     import ml_dtypes
 
     size = int.from_bytes(data[:8], "little")

@@ -277,10 +277,9 @@ def jit_train_step(
 
 
 def step_seed(seed: int, mesh: jax.sharding.Mesh) -> jax.Array:
-    """`jit_train_step`'s seed argument: `rng.step_stream_data(seed)`, a global array replicated over `mesh` (made
-    from the same host value in every process)."""
-    data = np.asarray(step_stream_data(seed))
-    return jax.make_array_from_callback(data.shape, replicated(mesh), lambda index: data[index])
+    """`jit_train_step`'s seed argument: `rng.step_stream_data(seed)`, a global array replicated over `mesh` (the
+    same host value placed in every process, as the sampler places its scheduler)."""
+    return jax.device_put(np.asarray(step_stream_data(seed)), replicated(mesh))
 
 
 def state_from_leaves(like: Any, leaves: list[jax.Array]) -> Any:
