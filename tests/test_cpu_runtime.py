@@ -12,8 +12,10 @@ XLA_FLAGS_8_DEVICES = "--xla_force_host_platform_device_count=8"
 
 # A program whose result (an outer product, 128 MB) is larger than a glibc thread arena's heap (64 MB), dropped after
 # each call: called the default way, XLA:CPU maps the block afresh and faults in its 32,768 pages at every call. One
-# loop fusion and nothing else, so that the block is XLA's own allocation on every CPU: a product (`@`) after it may
-# go to a library (YNNPACK, oneDNN) that holds the block itself on some CPUs and not on others.
+# loop fusion and nothing else, so that the block is the call's result buffer, which XLA allocates itself on the
+# calling thread. With a product (`@`) after it, one CI machine faulted the block in at every call even with reuse,
+# which no machine here reproduced: the product is free to go to a library (YNNPACK, oneDNN) that may hold the
+# block itself, per CPU.
 FAULTS_PER_CALL = """
 import ctypes, resource, sys
 import jax, jax.numpy as jnp
