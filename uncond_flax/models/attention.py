@@ -28,9 +28,11 @@ def attention_per_head(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, 
     return jnp.moveaxis(out_NBTH, 0, 2)
 
 
-# Logits per loop step of attention_blockwise: 64 Ki floats (256 KiB) stay in a core's L2 cache. At 256 tokens
-# one (image, head) pair per step ran 1.2-1.5x faster than 2-16 pairs (bench/bench_layers.py).
-BLOCK_LOGITS = 1 << 16
+# Logits per loop step of attention_blockwise: 1 Mi floats (4 MiB), 16 (image, head) pairs at 256 tokens. With one
+# pair per step (256 KiB, a core's L2) XLA:CPU hands each small op of the loop to whichever pool thread is free, and
+# on two cores the chain hops between them: the small UNet's step took 0.139 s against 0.126-0.129 s with 8-32 pairs
+# per step (64: 0.137); on one pinned core one pair was 1-3 % faster (bench/bench_train_step.py, README).
+BLOCK_LOGITS = 1 << 20
 
 
 def _pairs_per_block(pairs: int, tokens: int) -> int:
@@ -87,7 +89,7 @@ _blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
 def attention_blockwise(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T * scale) v in float32, a few (image, head) pairs at a time, with a hand-written backward pass.
 
-    Each loop step's logits fit in L2 (BLOCK_LOGITS); the backward pass recomputes the probabilities from the
+    Each loop step holds at most BLOCK_LOGITS logits; the backward pass recomputes the probabilities from the
     forward's log-sum-exp, and keys and values are fed to the products transposed where XLA:CPU's GEMMs are fast.
     On CPU, forward + backward at 256 tokens x 8 heads of 8 is ~2x faster than `attention_per_head` and on par
     with torch's scaled_dot_product_attention (bench/bench_layers.py).
