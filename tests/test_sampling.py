@@ -136,3 +136,36 @@ def test_key_mode_draws_fresh_noise_at_every_step():
     assert spread["repeated"] - spread["fresh"] > 0.05  # 0.43 against 0.31; sampling error ~0.003
     keyed = sample_images(ZeroV(), sched, key=jax.random.key(0), **kwargs).std()
     assert abs(keyed - spread["fresh"]) < 0.02, (keyed, spread)
+
+
+def test_sampler_leaves_convolutions_to_xla_on_several_cores_and_to_ynnpack_on_one(monkeypatch):
+    """sampler_compiler_options: with several CPUs the sampler's convolutions are XLA's own (YNNPACK splits each small
+    convolution over every thread); with one, XLA's defaults, where YNNPACK's forward convolutions are the faster."""
+    import pytest
+    from flax import nnx
+
+    from uncond_flax import sampling
+    from uncond_flax.step import step_compiler_options
+
+    from test_step import _convolutions_in_ynn_fusions
+
+    if jax.default_backend() != "cpu" or step_compiler_options() is None:
+        pytest.skip("XLA:CPU's YNNPACK options are not in this jaxlib")
+    graphdef, state = nnx.split(_models()[1])  # 32 and 64 channels: YNNPACK leaves <= 16 channels to XLA anyway
+    scheduler = FlaxDDPMScheduler.create().set_timesteps(2)
+    key = np.asarray(jax.random.key_data(jax.random.key(0)))
+    counts = {}
+    for cpus in (1, 2):
+        monkeypatch.setattr(sampling, "_usable_cpus", lambda: cpus)
+        sampling._compiled_sampler.cache_clear()
+        run = sampling._compiled_sampler(graphdef, make_mesh(devices=jax.devices()[:1]), 0.0, (4, 8, 8, 3), 4, False)
+        lowered = run.lower(state, scheduler, key)
+        counts[cpus] = _convolutions_in_ynn_fusions(lowered.compile().as_text())
+    sampling._compiled_sampler.cache_clear()
+    # The same program with YNNPACK's convolutions asked for: whether this XLA gives it any to take.
+    with_ynn_convs = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+    _, control = _convolutions_in_ynn_fusions(lowered.compile(compiler_options=with_ynn_convs).as_text())
+    if control == 0:
+        pytest.skip("this XLA gives YNNPACK no float32 convolutions: nothing to tell apart")
+    (convs_one, ynn_one), (convs_two, ynn_two) = counts[1], counts[2]
+    assert convs_two >= 6 and ynn_two == 0 and ynn_one >= 6, (counts, control)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from uncond_flax.parallel import batch_sharding, make_mesh, num_batch_shards, replicated, to_host
 from uncond_flax.schedulers import FlaxDDIMScheduler
+from uncond_flax.step import step_compiler_options
 
 
 def _pad_batch(x: jax.Array, batch: int, axis: int = 0) -> jax.Array:
@@ -104,6 +106,23 @@ def sample_images(
     return to_host(run(state, scheduler, noise))[:batch_size]
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sampler_compiler_options() -> dict[str, str] | None:
+    """XLA options for the sampler: on a CPU with several cores, the train step's (XLA's own convolutions); else
+    XLA's defaults (YNNPACK's convolutions).
+
+    YNNPACK splits each of the sampler's small convolutions over all threads, and the chain of small ops then hops
+    between them: the digits UNet's DDPM-1000 took 3.17 s with YNNPACK's convolutions on two cores, 2.56 s with
+    XLA's; on one pinned core YNNPACK's are the faster, 2.85 against 3.28 s (bench/bench_sampling.py, README).
+    """
+    if jax.default_backend() != "cpu" or _usable_cpus() < 2:
+        return None
+    return step_compiler_options()
+
+
 @functools.lru_cache(maxsize=16)  # a preview and an evaluation sampler per run; bounded for long-lived processes
 def _compiled_sampler(graphdef, mesh: Mesh, eta: float, shape_BHWC: tuple, padded: int, explicit: bool):
     """One jitted sampler per (model structure, mesh, eta, shape, noise mode); scheduler arrays are traced."""
@@ -126,4 +145,9 @@ def _compiled_sampler(graphdef, mesh: Mesh, eta: float, shape_BHWC: tuple, padde
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
     noise_shardings = (batch, NamedSharding(mesh, P(None, *batch.spec))) if explicit else replicated(mesh)
-    return jax.jit(run, in_shardings=(None, replicated(mesh), noise_shardings), out_shardings=batch)
+    return jax.jit(
+        run,
+        in_shardings=(None, replicated(mesh), noise_shardings),
+        out_shardings=batch,
+        compiler_options=sampler_compiler_options(),
+    )
