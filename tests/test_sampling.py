@@ -167,5 +167,5 @@ def test_sampler_leaves_convolutions_to_xla_on_several_cores_and_to_ynnpack_on_o
     _, control = _convolutions_in_ynn_fusions(lowered.compile(compiler_options=with_ynn_convs).as_text())
     if control == 0:
         pytest.skip("this XLA gives YNNPACK no float32 convolutions: nothing to tell apart")
-    (convs_one, ynn_one), (convs_two, ynn_two) = counts[1], counts[2]
+    (_, ynn_one), (convs_two, ynn_two) = counts[1], counts[2]
     assert convs_two >= 6 and ynn_two == 0 and ynn_one >= 6, (counts, control)
