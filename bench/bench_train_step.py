@@ -7,6 +7,7 @@
     python bench/bench_train_step.py --model small --isa avx2       # both sides limited to AVX2
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
+    python bench/bench_train_step.py --jax "attention_block_logits=65536" --jax ""   # one pair per loop step vs 16
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
     python bench/bench_train_step.py --model default --batch-size 4 --jax "" --jax "grad_norm_reduction=concat"
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
@@ -19,8 +20,9 @@ diffusion loss, donated state). Theirs is what train_unconditional.py does per s
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` (models.layers.implementations),
-a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), any other key an XLA compiler option for
-that variant's step alone.
+a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
+attention's logits per loop step, models.attention.BLOCK_LOGITS), any other key an XLA compiler option for that
+variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
 """
 
@@ -81,21 +83,27 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     from gpu_check import compile_step
 
     from uncond_flax.config import resolve_config
+    from uncond_flax.models import attention
     from uncond_flax.models.layers import implementations
     from uncond_flax.parallel import make_mesh
 
     # XLA's boolean options must be Python bools: the string "true" is refused.
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
     impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm", "linear")}
+    block_logits = int(options.pop("attention_block_logits", attention.BLOCK_LOGITS))
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...
         config[field] = options.pop(field)
 
     config = resolve_config(config)
-    with implementations(**impls):
-        step, state, images_sharding, compile_s, _ = compile_step(
-            config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
-        )
+    default_block, attention.BLOCK_LOGITS = attention.BLOCK_LOGITS, block_logits  # read while tracing
+    try:
+        with implementations(**impls):
+            step, state, images_sharding, compile_s, _ = compile_step(
+                config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
+            )
+    finally:
+        attention.BLOCK_LOGITS = default_block
     res = config.resolution
     shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
