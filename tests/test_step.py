@@ -365,3 +365,50 @@ def test_the_jitted_step_takes_and_returns_the_states_leaves_and_its_seed_as_an_
     assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in expected_metrics.items()}
     assert float(other_seed["loss"]) != float(metrics["loss"])  # another seed, other noise
     assert int(got.step) == 2 and float(metrics["loss"]) > 0
+
+
+_CPUINFO = "processor\t: {n}\nvendor_id\t: {vendor}\nmodel name\t: {model}\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n\n"
+_EPYC_ZEN5 = ("AuthenticAMD", "AMD EPYC 9B45", "avx512f avx512dq avx512bw avx512_bf16 avx512_vp2intersect")
+_EPYC_ZEN3 = ("AuthenticAMD", "AMD EPYC 7B13", "sha_ni")
+_XEON_SPR = ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8481C", "avx512f avx512dq avx512bw amx_tile")
+
+
+@pytest.mark.parametrize(
+    "cpus, wide",
+    [
+        ([_EPYC_ZEN5, _EPYC_ZEN5], True),
+        ([_EPYC_ZEN3, _EPYC_ZEN3], False),
+        ([_XEON_SPR, _XEON_SPR], False),  # Intel: LLVM's 256-bit preference stays
+        ([("AuthenticAMD", "AMD EPYC", "avx512_bf16 avx512vl")], False),  # AVX-512 flags but not the foundation
+        ([_EPYC_ZEN3, _EPYC_ZEN5], False),  # the first processor's entry speaks for all
+        ([], False),  # nothing to read
+    ],
+    ids=["zen5", "zen3", "sapphire-rapids", "no-avx512f", "first-entry", "empty"],
+)
+def test_wide_vectors_only_on_amd_cpus_with_avx512(tmp_path, cpus, wide):
+    from uncond_flax.step import cpu_runs_wide_vectors_at_full_clock
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(_CPUINFO.format(n=n, vendor=v, model=m, extra=e) for n, (v, m, e) in enumerate(cpus)))
+    assert cpu_runs_wide_vectors_at_full_clock(str(cpuinfo)) is wide
+    assert cpu_runs_wide_vectors_at_full_clock(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize("wide_cpu", [True, False])
+@pytest.mark.parametrize("xla_flags", ["", "--xla_cpu_prefer_vector_width=256"])
+def test_the_step_asks_for_512_bit_vectors_on_such_a_cpu_unless_xla_flags_set_a_width(monkeypatch, wide_cpu, xla_flags):
+    from uncond_flax import step
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU options")
+    monkeypatch.setattr(step, "cpu_runs_wide_vectors_at_full_clock", lambda: wide_cpu)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    step.step_compiler_options.cache_clear()
+    try:
+        options = step.step_compiler_options()
+    finally:
+        step.step_compiler_options.cache_clear()
+    if options is None:
+        pytest.skip("XLA:CPU's YNNPACK options are not in this jaxlib")
+    assert options.items() >= step.CPU_STEP_COMPILER_OPTIONS.items()
+    assert (options.get("xla_cpu_prefer_vector_width") == "512") is (wide_cpu and not xla_flags), options
