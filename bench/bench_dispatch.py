@@ -40,6 +40,10 @@ def _config(model: str, batch: int | None = None, precision: str = "no"):
 
     config = bench_config(model, batch or BATCHES[model], MODELS[model]["resolution"])
     config.mixed_precision = precision
+    # gpu_check's schedule: with the same model, batch and precision the leaves form is the program gpu_check's
+    # jax-step compiled, and a shared JAX compilation cache serves it (a GPU compile takes a minute).
+    config.lr_scheduler = "constant_with_warmup"
+    config.lr_warmup_steps = 10
     return resolve_config(config)
 
 

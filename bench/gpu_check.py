@@ -7,6 +7,7 @@
     python bench/gpu_check.py --section jax-step --batch 256 --gradient-checkpointing   # memory against compute
     bash bench/gpu_check.sh --sections jax-step,torch-step --set model.layers_per_block=1   # another config field
     bash bench/gpu_check.sh --sections jax-step --steps-per-call 4   # 4 train steps per call (a lax.scan), not kept
+    bash bench/gpu_check.sh --sections jax-step:bf16,torch-step     # bf16 alone (jax-step:no: fp32 alone)
 
 Sections, each in its own process under a hard time limit (a section that overruns is killed and reported; the
 others still run, and everything measured so far has been printed already):
@@ -68,6 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # cuDNN's untuned convolutions make a step take 30 s instead of 42 ms.
 BUDGETS = {"env": 15, "jax-step:bf16": 150, "torch-step": 40, "tiny-train": 35, "attention": 20, "jax-step:no": 110}
 TOTAL_LIMIT_S = 350.0
+# --sections keys for one precision of the jax-step section (the section name alone runs both).
+PRECISION_KEYS = ("jax-step:bf16", "jax-step:no")
 PRESET_TIME_SCALE = {"default": 1.0, "small": 4.0, "tiny": 2.0}
 
 
@@ -850,7 +853,7 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
 
     def run(key: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         nonlocal stopped
-        if name not in args.sections or stopped:
+        if not (name in args.sections or key in args.sections) or stopped:
             return
         scale = args.time_scale * PRESET_TIME_SCALE.get(preset, 1.0)
         total = args.total_limit or TOTAL_LIMIT_S * scale
@@ -915,7 +918,11 @@ def main(argv: list[str] | None = None) -> int:
         "--preset", choices=["auto", *PRESETS], default="auto", help="auto: default on a GPU, else small"
     )
     parser.add_argument("--section", choices=list(SECTIONS), help="run one section here (the driver's child mode)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections the driver runs")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated sections the driver runs; jax-step:bf16 or jax-step:no runs that precision alone",
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
@@ -963,9 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps_per_call < 1:
         parser.error(f"--steps-per-call {args.steps_per_call}: give 1 or more")
     args.sections = args.sections.split(",")
-    unknown = set(args.sections) - set(SECTIONS)
+    choices = [*SECTIONS, *PRECISION_KEYS]
+    unknown = set(args.sections) - set(choices)
     if unknown:
-        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {list(SECTIONS)}")
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {choices}")
 
     if args.section is None:
         drive(args)

@@ -187,6 +187,25 @@ def test_trace_dir_keeps_each_profiled_steps_trace(tmp_path, monkeypatch):
     assert bf16[bf16.index("--trace-dir") + 1] == str(traces) and "--trace-dir" not in fp32 + calls["torch-step"][0]
 
 
+def test_driver_runs_one_precision_when_asked(monkeypatch):
+    calls = {}
+
+    def record(name, argv, *_):
+        calls.setdefault(name, []).append(argv)
+        return {"section": name, "error": "recorded, not run"}
+
+    monkeypatch.setattr(gpu_check, "run_section", record)
+    gpu_check.main(["--sections", "jax-step:bf16,torch-step", "--preset", "tiny"])
+    ((argv,),) = (calls["jax-step"],)
+    assert argv[argv.index("--precision") + 1] == "bf16" and len(calls["torch-step"]) == 1
+    calls.clear()
+    gpu_check.main(["--sections", "jax-step:no", "--preset", "tiny"])
+    ((argv,),) = (calls["jax-step"],)
+    assert argv[argv.index("--precision") + 1] == "no" and set(calls) == {"jax-step"}
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--sections", "jax-step:fp8"])
+
+
 def test_driver_sections_share_one_compilation_cache(tmp_path):
     # The second run's section finds the programs the first one compiled; the check says its step came from the
     # cache rather than reporting the load as a compile time.
