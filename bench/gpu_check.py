@@ -519,20 +519,28 @@ def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
         + "".join(f", {field}={value!r}" for field, value in args.set)
         + (f", {args.steps_per_call} steps per call" if args.steps_per_call > 1 else "")
     )
+    from uncond_flax.models.layers import implementations
+
+    impls = dict(args.impl)
+    if impls:
+        _say("  layers: " + ", ".join(f"{kind}={name}" for kind, name in impls.items()))
     keep_trace = None
     if args.trace_dir:
-        label = re.sub(r"[^\w.-]", "_", "".join(f"-{field}-{value}" for field, value in args.set))
+        variants = [*args.set, *impls.items()]
+        label = re.sub(r"[^\w.-]", "_", "".join(f"-{field}-{value}" for field, value in variants))
         label += f"-k{args.steps_per_call}" if args.steps_per_call > 1 else ""
         name = f"jax-step-{args.precision}-b{args.batch or sizes['batch']}{label}.xplane.pb"
         keep_trace = os.path.join(args.trace_dir, name)
-    return jax_step(
-        config,
-        args.steps or sizes["steps"],
-        args.profile_steps,
-        report=lambda result: _report("jax-step", result),
-        keep_trace=keep_trace,
-        steps_per_call=args.steps_per_call,
-    )
+    with implementations(**impls):  # the UNet built inside (its state, then the step) computes its layers so
+        result = jax_step(
+            config,
+            args.steps or sizes["steps"],
+            args.profile_steps,
+            report=lambda result: _report("jax-step", result),
+            keep_trace=keep_trace,
+            steps_per_call=args.steps_per_call,
+        )
+    return {**result, "implementations": impls}
 
 
 def torch_train_step(config: Any, batch: int, precision: str = "no") -> tuple[Callable[[], Any], Any]:
@@ -876,6 +884,7 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
     common += [f"--set={field}={value!r}" for field, value in args.set]  # the config both UNets are built from
     traces = ["--trace-dir", args.trace_dir] if args.trace_dir else []
     per_call = ["--steps-per-call", str(args.steps_per_call)] if args.steps_per_call > 1 else []
+    per_call += [f"--impl={kind}={name}" for kind, name in args.impl]  # our layers only: torch's are its own
     run(
         "jax-step:bf16",
         "jax-step",
@@ -910,6 +919,23 @@ def _field_value(text: str) -> tuple[str, Any]:
         return field, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return field, value
+
+
+def _impl_value(text: str) -> tuple[str, str]:
+    """KIND=NAME -> (kind, name), checked against the layers' implementations before anything compiles."""
+    from uncond_flax.models.layers import implementations
+
+    kind, sep, name = text.partition("=")
+    if not sep or not kind or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND=NAME, e.g. norm=fused")
+    try:
+        with implementations(**{kind: name}):  # its checks, nothing else: the choice is undone on leaving
+            pass
+    except TypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: KIND is one of conv, attention, norm, linear") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return kind, name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -948,6 +974,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="jax-step: K train steps per call, a lax.scan over K batches (a variant the trainer does not have)",
+    )
+    parser.add_argument(
+        "--impl",
+        action="append",
+        default=[],
+        type=_impl_value,
+        metavar="KIND=NAME",
+        help="jax-step: how our layers compute, as bench_train_step's --jax (norm=fused, attention=xla, conv=..., "
+        "linear=...; uncond_flax.models.layers.implementations); repeatable",
     )
     parser.add_argument(
         "--trace-dir", default=None, help="jax-step: keep the profiled steps' trace (.xplane.pb) in this folder"

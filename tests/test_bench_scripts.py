@@ -206,6 +206,39 @@ def test_driver_runs_one_precision_when_asked(monkeypatch):
         gpu_check.main(["--sections", "jax-step:fp8"])
 
 
+def test_impl_builds_the_jax_step_with_those_layers_and_leaves_torch_alone(monkeypatch, capsys):
+    from uncond_flax.models.layers import current_implementation
+
+    seen = []
+
+    def spy(config, *args, **kwargs):
+        seen.append((current_implementation("norm"), current_implementation("attention")))
+        return {"steps": 0}
+
+    monkeypatch.setattr(gpu_check, "jax_step", spy)
+    argv = ["--section", "jax-step", "--preset", "tiny", "--precision", "no", "--batch", "16", "--steps", "1"]
+    gpu_check.main([*argv, "--impl", "norm=fused", "--impl", "attention=xla"])
+    assert seen == [("fused", "xla")] and current_implementation("norm") == "auto"  # undone after the section
+    reported = capsys.readouterr().out.splitlines()[-1]
+    assert json.loads(reported.removeprefix(gpu_check.RESULT_PREFIX))["implementations"] == {
+        "norm": "fused",
+        "attention": "xla",
+    }
+    calls = {}
+
+    def record(name, argv, *_):
+        calls.setdefault(name, []).append(argv)
+        return {"section": name, "error": "recorded, not run"}
+
+    monkeypatch.setattr(gpu_check, "run_section", record)
+    gpu_check.main(["--sections", "jax-step,torch-step", "--preset", "tiny", "--impl", "norm=fused"])
+    assert all("--impl=norm=fused" in argv for argv in calls["jax-step"]) and len(calls["jax-step"]) == 2
+    assert not any("--impl" in arg for arg in calls["torch-step"][0])
+    for bad in ("norm=welford", "nrm=fused", "norm"):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--impl", bad])
+
+
 def test_driver_sections_share_one_compilation_cache(tmp_path):
     # The second run's section finds the programs the first one compiled; the check says its step came from the
     # cache rather than reporting the load as a compile time.

@@ -367,7 +367,9 @@ def test_the_jitted_step_takes_and_returns_the_states_leaves_and_its_seed_as_an_
     assert int(got.step) == 2 and float(metrics["loss"]) > 0
 
 
-_CPUINFO = "processor\t: {n}\nvendor_id\t: {vendor}\nmodel name\t: {model}\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n\n"
+_CPUINFO = (
+    "processor\t: {n}\nvendor_id\t: {vendor}\nmodel name\t: {model}\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n\n"
+)
 _EPYC_ZEN5 = ("AuthenticAMD", "AMD EPYC 9B45", "avx512f avx512dq avx512bw avx512_bf16 avx512_vp2intersect")
 _EPYC_ZEN3 = ("AuthenticAMD", "AMD EPYC 7B13", "sha_ni")
 _XEON_SPR = ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8481C", "avx512f avx512dq avx512bw amx_tile")

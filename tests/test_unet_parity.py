@@ -13,7 +13,7 @@ from flax import nnx
 from uncond_flax.export import from_state_dict, load_unet, save_pipeline, save_unet, unet_from_state_dict
 from uncond_flax.models import FlaxUNet2DModel
 from uncond_flax.models.attention import Attention
-from uncond_flax.models.layers import CONV_IMPLS, implementations
+from uncond_flax.models.layers import CONV_IMPLS, GroupNorm, implementations
 
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
@@ -346,8 +346,8 @@ def test_load_unet_from_a_hub_repo_id(tmp_path, monkeypatch):
         load_unet("someone/other")
 
 
-@pytest.mark.parametrize("conv, attention", [("conv", "xla"), ("matmul", "per_head")])
-def test_compute_implementations_match_diffusers_forward_and_gradient(conv, attention):
+@pytest.mark.parametrize("conv, attention, norm", [("conv", "xla", "grouped"), ("matmul", "per_head", "fused")])
+def test_compute_implementations_match_diffusers_forward_and_gradient(conv, attention, norm):
     # Stride-2 convs with diffusers' bottom/right padding, 1x1 shortcuts, attention over 64 and 16 tokens.
     config = CONFIGS["resnet_up_down_padding0"]
     torch_model = randomized_torch_unet(config, seed=17)
@@ -357,9 +357,10 @@ def test_compute_implementations_match_diffusers_forward_and_gradient(conv, atte
     out_torch = torch_model(x_torch, torch.from_numpy(t)).sample
     (out_torch * nchw(probe)).sum().backward()
 
-    with implementations(conv=conv, attention=attention):
+    with implementations(conv=conv, attention=attention, norm=norm):
         ours = unet_from_state_dict(config, {k: v.numpy() for k, v in torch_model.state_dict().items()})
     assert {a.impl for a in _attention_modules(ours)} == {attention}
+    assert {m.impl for _, m in nnx.iter_graph(ours) if isinstance(m, GroupNorm)} == {norm}
     assert {c.conv_general_dilated for c in _conv_modules(ours)} == {CONV_IMPLS[conv]}
 
     @nnx.jit

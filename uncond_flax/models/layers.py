@@ -254,7 +254,10 @@ ATTENTION_IMPLS = ("auto", "xla", "per_head", "blockwise")
 # C/G); "channel_sums" = sum each channel over space first, then the channels of a group; "auto" = channel_sums
 # on CPU, where XLA runs the short minor-axis reductions slowly: norm + SiLU 6x faster at 16 channels in 8 groups,
 # 1.2x at 224 in 32; the digits UNet samples 1.4x faster (bench_sampling.py, bench_train_step.py --jax norm=...).
-NORM_IMPLS = ("auto", "grouped", "channel_sums")
+# "fused" = channel_sums' statistics with a hand-written backward pass that also takes the SiLU after the norm
+# (`group_norm_act`): two passes over the activations where autodiff's backward makes several, and no copy of the
+# norm's output kept for SiLU's gradient.
+NORM_IMPLS = ("auto", "grouped", "channel_sums", "fused")
 _impls = {"conv": "auto", "attention": "auto", "norm": "auto", "linear": "auto"}
 
 
@@ -335,33 +338,98 @@ class GroupNorm(nnx.GroupNorm):
         super().__init__(*args, **kwargs)
         self.impl = impl
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        by_channel = self.impl == "channel_sums" or (self.impl == "auto" and jax.default_backend() == "cpu")
-        if not by_channel or mask is not None or self.reduction_axes is not None:
-            return super().__call__(x, mask=mask)
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        activation: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> jax.Array:
+        """`activation(norm(x))` (just the norm without `activation`); the "fused" implementation takes SiLU into
+        its backward pass."""
+        impl = self.impl
+        if impl == "auto":
+            impl = "channel_sums" if jax.default_backend() == "cpu" else "grouped"
+        if impl == "grouped" or mask is not None or self.reduction_axes is not None:
+            y = super().__call__(x, mask=mask)
+            return y if activation is None else activation(y)
         scale = self.scale[...] if self.scale else None
         bias = self.bias[...] if self.bias else None
         x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
-        out_dtype = x.dtype
-        b, c, per = x.shape[0], x.shape[-1], self.group_size
-        spatial = tuple(range(1, x.ndim - 1))
-        count = math.prod(x.shape[1:-1]) * per
+        if impl == "fused" and scale is not None and bias is not None and activation in (None, jax.nn.silu):
+            return group_norm_act(x, scale, bias, self.num_groups, self.epsilon, activation is jax.nn.silu)
+        y, _ = _group_norm_forward(x, scale, bias, self.num_groups, self.epsilon)
+        y = y.astype(x.dtype)
+        return y if activation is None else activation(y)
 
-        def as_BsC(v_BC):  # (B, C) -> (B, 1, ..., 1, C), to broadcast over space
-            return v_BC.reshape(b, *([1] * len(spatial)), c)
 
-        def group_mean(v):  # (B, ..., C) -> (B, C): each channel's group mean
-            sums_BG = v.sum(axis=spatial).reshape(b, self.num_groups, per).sum(axis=-1)
-            return jnp.repeat(sums_BG / count, per, axis=1)
+def _spatial(x: jax.Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim - 1))
 
-        centered = x.astype(jnp.float32) - as_BsC(group_mean(x.astype(jnp.float32)))
-        mul_BC = lax.rsqrt(group_mean(centered * centered) + self.epsilon)
-        if scale is not None:
-            mul_BC = mul_BC * scale
-        y = centered * as_BsC(mul_BC)
-        if bias is not None:
-            y = y + bias
-        return y.astype(out_dtype)
+
+def _as_BsC(v_BC: jax.Array, x: jax.Array) -> jax.Array:
+    """(B, C) -> (B, 1, ..., 1, C): to broadcast over `x`'s spatial axes."""
+    return v_BC.reshape(v_BC.shape[0], *([1] * (x.ndim - 2)), v_BC.shape[1])
+
+
+def _group_mean(sums_BC: jax.Array, num_groups: int, count: int) -> jax.Array:
+    """Per-channel sums (B, C) -> each channel's group mean (B, C), `count` elements per group."""
+    b, c = sums_BC.shape
+    sums_BG = sums_BC.reshape(b, num_groups, c // num_groups).sum(axis=-1)
+    return jnp.repeat(sums_BG / count, c // num_groups, axis=1)
+
+
+def _group_norm_forward(x, scale, bias, num_groups: int, epsilon: float):
+    """(float32 norm of x with scale and bias applied, (mean, rstd) per (B, C)): each channel summed over space
+    first, then the channels of a group (XLA:CPU runs short minor-axis reductions slowly)."""
+    spatial = _spatial(x)
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    xf = x.astype(jnp.float32)
+    mean_BC = _group_mean(xf.sum(axis=spatial), num_groups, count)
+    centered = xf - _as_BsC(mean_BC, x)
+    rstd_BC = lax.rsqrt(_group_mean((centered * centered).sum(axis=spatial), num_groups, count) + epsilon)
+    mul_BC = rstd_BC if scale is None else rstd_BC * scale
+    y = centered * _as_BsC(mul_BC, x)
+    return (y if bias is None else y + bias), (mean_BC, rstd_BC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm_act(x, scale, bias, num_groups: int, epsilon: float, silu: bool) -> jax.Array:
+    """GroupNorm over the last axis of `x` (channels) with `scale` and `bias`, then SiLU if `silu`; in x's dtype.
+    The same function as channel_sums' norm (and `jax.nn.silu` after it), with a hand-written backward pass: one
+    pass over x and the output's gradient for the per-channel sums, one for the input's gradient; only x and the
+    statistics are kept for it."""
+    return _group_norm_act_fwd(x, scale, bias, num_groups, epsilon, silu)[0]
+
+
+def _group_norm_act_fwd(x, scale, bias, num_groups, epsilon, silu):
+    y, (mean_BC, rstd_BC) = _group_norm_forward(x, scale, bias, num_groups, epsilon)
+    out = jax.nn.silu(y) if silu else y
+    return out.astype(x.dtype), (x, scale, bias, mean_BC, rstd_BC)
+
+
+def _group_norm_act_bwd(num_groups, epsilon, silu, residuals, g):
+    x, scale, bias, mean_BC, rstd_BC = residuals
+    spatial = _spatial(x)
+    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    xhat = (x.astype(jnp.float32) - _as_BsC(mean_BC, x)) * _as_BsC(rstd_BC, x)
+    dy = g.astype(jnp.float32)  # the gradient at the norm's output (after scale and bias)
+    if silu:
+        y = xhat * scale + bias
+        sig = jax.nn.sigmoid(y)
+        dy = dy * sig * (1 + y * (1 - sig))
+    sum_dy_BC = dy.sum(axis=spatial)
+    sum_dy_xhat_BC = (dy * xhat).sum(axis=spatial)
+    # d/dxhat = dy * scale; dx = rstd * (d/dxhat - its group mean - xhat * group mean of (d/dxhat * xhat)).
+    mean_d_BC = _group_mean(sum_dy_BC * scale, num_groups, count)
+    mean_d_xhat_BC = _group_mean(sum_dy_xhat_BC * scale, num_groups, count)
+    dx = _as_BsC(rstd_BC, x) * (dy * scale - _as_BsC(mean_d_BC, x) - xhat * _as_BsC(mean_d_xhat_BC, x))
+    dscale = sum_dy_xhat_BC.sum(axis=0).astype(scale.dtype)
+    dbias = sum_dy_BC.sum(axis=0).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
 
 
 def group_norm(

@@ -93,7 +93,7 @@ class ResnetBlock2D(nnx.Module):
 
     def __call__(self, x_BHWC: jax.Array, temb_BD: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
         residual = x_BHWC
-        h = self.nonlinearity(self.norm1(x_BHWC))
+        h = self.norm1(x_BHWC, activation=self.nonlinearity)
         if self.up:
             residual, h = nearest_upsample_2x(residual), nearest_upsample_2x(h)
         elif self.down:
@@ -105,12 +105,11 @@ class ResnetBlock2D(nnx.Module):
         if self.time_embedding_norm == "default":
             if temb_BD is not None:
                 h = h + temb_BD
-            h = self.norm2(h)
+            h = self.norm2(h, activation=self.nonlinearity)
         else:
             scale, shift = jnp.split(temb_BD, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = self.nonlinearity(self.norm2(h) * (1 + scale) + shift)
 
-        h = self.nonlinearity(h)
         h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
         h = self.conv2(h)
         if self.conv_shortcut is not None:

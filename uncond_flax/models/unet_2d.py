@@ -293,7 +293,7 @@ class FlaxUNet2DModel(nnx.Module):
             x = self._block(block, x, skips[-n:], emb, rngs)
             skips = skips[:-n]
 
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        x = self.conv_out(self.conv_norm_out(x, activation=jax.nn.silu))
         if cfg["time_embedding_type"] == "fourier":
             x = x / t_B.reshape(-1, 1, 1, 1).astype(x.dtype)
         return x
