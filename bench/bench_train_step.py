@@ -8,6 +8,7 @@
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --jax "attention_block_logits=65536" --jax ""   # one pair per loop step vs 16
+    python bench/bench_train_step.py --jax "group_means=reshape" --jax ""   # GroupNorm's group means: repeat vs dot
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
     python bench/bench_train_step.py --model default --batch-size 4 --jax "" --jax "grad_norm_reduction=concat"
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
@@ -21,7 +22,8 @@ timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
-attention's logits per loop step, models.attention.BLOCK_LOGITS), any other key an XLA compiler option for that
+attention's logits per loop step, models.attention.BLOCK_LOGITS), `group_means=` (dot / reshape:
+models.layers.GROUP_MEANS), any other key an XLA compiler option for that
 variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
 """
@@ -83,7 +85,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     from gpu_check import compile_step
 
     from uncond_flax.config import resolve_config
-    from uncond_flax.models import attention
+    from uncond_flax.models import attention, layers
     from uncond_flax.models.layers import implementations
     from uncond_flax.parallel import make_mesh
 
@@ -97,13 +99,14 @@ def jax_side(config, batch: int, variant: dict[str, str]):
 
     config = resolve_config(config)
     default_block, attention.BLOCK_LOGITS = attention.BLOCK_LOGITS, block_logits  # read while tracing
+    default_means, layers.GROUP_MEANS = layers.GROUP_MEANS, options.pop("group_means", layers.GROUP_MEANS)
     try:
         with implementations(**impls):
             step, state, images_sharding, compile_s, _ = compile_step(
                 config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
             )
     finally:
-        attention.BLOCK_LOGITS = default_block
+        attention.BLOCK_LOGITS, layers.GROUP_MEANS = default_block, default_means
     res = config.resolution
     shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

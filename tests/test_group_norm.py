@@ -7,6 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
+from uncond_flax.models import layers
 from uncond_flax.models.layers import GroupNorm, group_norm, implementations
 
 # (shape NHWC or NTC, groups): 2 channels per group (the digits UNet), one group, a group per channel, tokens.
@@ -25,9 +26,20 @@ def _torch_norm(x, groups, weight, bias, probe, activation=None):
     return to_last(out), to_last(x_t.grad), module.weight.grad.numpy(), module.bias.grad.numpy()
 
 
-@pytest.mark.parametrize("impl", ["grouped", "channel_sums", "fused"])
+# Each formulation with its group means as dots (channel_sums' and fused's default on CPU) and as a reshape.
+GROUP_MEANS = ("dot", "reshape")
+FORMULATIONS = [("grouped", "auto"), *((impl, means) for impl in ("channel_sums", "fused") for means in GROUP_MEANS)]
+
+
+@pytest.fixture
+def group_means(request, monkeypatch):
+    monkeypatch.setattr(layers, "GROUP_MEANS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("impl, group_means", FORMULATIONS, indirect=["group_means"])
 @pytest.mark.parametrize("shape, groups", CASES)
-def test_group_norm_matches_torch_forward_and_gradients(impl, shape, groups):
+def test_group_norm_matches_torch_forward_and_gradients(impl, group_means, shape, groups):
     rng = np.random.default_rng(0)
     # An offset and a spread, so that a missing mean or a one-pass variance would show.
     x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
@@ -57,10 +69,10 @@ def test_group_norm_matches_torch_forward_and_gradients(impl, shape, groups):
 ACTIVATIONS = [(jax.nn.silu, torch.nn.functional.silu), (jax.nn.relu, torch.relu)]
 
 
-@pytest.mark.parametrize("impl", ["grouped", "channel_sums", "fused"])
+@pytest.mark.parametrize("impl, group_means", FORMULATIONS, indirect=["group_means"])
 @pytest.mark.parametrize("activation, torch_activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape, groups", [CASES[0], CASES[3]])
-def test_group_norm_then_activation_matches_torch(impl, activation, torch_activation, shape, groups):
+def test_group_norm_then_activation_matches_torch(impl, group_means, activation, torch_activation, shape, groups):
     rng = np.random.default_rng(2)
     x = (rng.standard_normal(shape) * 3 - 1).astype(np.float32)
     probe = rng.standard_normal(shape).astype(np.float32)
@@ -81,6 +93,23 @@ def test_group_norm_then_activation_matches_torch(impl, activation, torch_activa
     np.testing.assert_allclose(np.asarray(g_x), gx_t, atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(g_params["scale"][...]), gw_t, atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g_params["bias"][...]), gb_t, atol=1e-4, rtol=1e-5)
+
+
+def test_group_means_are_dots_on_cpu_and_a_reshape_when_asked(monkeypatch):
+    # On CPU the per-channel sums become group means through two small dots, so that the (B, C) means reach the
+    # element-wise loops as plain vectors (a repeat fused there costs an integer division per element).
+    x = jnp.ones((2, 4, 4, 12), jnp.float32)
+    with implementations(norm="channel_sums"):
+        norm = group_norm(12, 4, 1e-5, rngs=nnx.Rngs(0))
+
+    def primitives():
+        return {str(e.primitive) for e in jax.make_jaxpr(lambda x: norm(x))(x).jaxpr.eqns}  # traced afresh
+
+    assert jax.default_backend() != "cpu" or "dot_general" in primitives()
+    monkeypatch.setattr(layers, "GROUP_MEANS", "reshape")
+    assert "dot_general" not in primitives()
+    monkeypatch.setattr(layers, "GROUP_MEANS", "dot")
+    assert "dot_general" in primitives()
 
 
 def test_fused_norm_keeps_x_for_its_backward_pass_not_the_norms_output():

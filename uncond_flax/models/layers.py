@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -372,9 +373,24 @@ def _as_BsC(v_BC: jax.Array, x: jax.Array) -> jax.Array:
     return v_BC.reshape(v_BC.shape[0], *([1] * (x.ndim - 2)), v_BC.shape[1])
 
 
+# How channel_sums and fused turn per-channel sums (B, C) into each channel's group mean (B, C): "reshape" sums
+# (B, G, C/G) and repeats the result; "dot" multiplies by the (C, G) membership matrix and back (exact: one 1 per
+# row). XLA:CPU fuses the repeat into every element-wise loop that broadcasts the means over the activations, and
+# computes each element's group with an integer division there: GroupNorm + SiLU forward + backward at (16, 32,
+# 32, 96) took 4.2-5.4 ms with "reshape", 2.3 with "dot" (the dots are separate ops, their results plain (B, C)
+# vectors). "auto": dot on CPU, reshape elsewhere (not measured on a GPU). Read while tracing.
+GROUP_MEANS = "auto"
+
+
 def _group_mean(sums_BC: jax.Array, num_groups: int, count: int) -> jax.Array:
     """Per-channel sums (B, C) -> each channel's group mean (B, C), `count` elements per group."""
     b, c = sums_BC.shape
+    by_dot = GROUP_MEANS == "dot" or (GROUP_MEANS == "auto" and jax.default_backend() == "cpu")
+    if by_dot and c > num_groups:
+        member_CG = jnp.asarray(np.repeat(np.eye(num_groups, dtype=sums_BC.dtype), c // num_groups, axis=0))
+        exact = lax.Precision.HIGHEST  # no TF32 or bf16 passes for a float32 sum on any backend
+        sums_BG = jnp.dot(sums_BC, member_CG, precision=exact)
+        return jnp.dot(sums_BG / count, member_CG.T, precision=exact)
     sums_BG = sums_BC.reshape(b, num_groups, c // num_groups).sum(axis=-1)
     return jnp.repeat(sums_BG / count, c // num_groups, axis=1)
 
