@@ -9,6 +9,7 @@
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --jax "attention_block_logits=65536" --jax ""   # one pair per loop step vs 16
     python bench/bench_train_step.py --jax "group_means=reshape" --jax ""   # GroupNorm's group means: repeat vs dot
+    python bench/bench_train_step.py --jax "upsample=nearest_conv" --jax ""   # Upsample2D: as diffusers vs phases
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
     python bench/bench_train_step.py --model default --batch-size 4 --jax "" --jax "grad_norm_reduction=concat"
     python bench/bench_train_step.py --jax "" --jax "conv=matmul" \
@@ -20,7 +21,8 @@ Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + 
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
 step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
-variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` (models.layers.implementations),
+variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` / `upsample=`
+(models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
 attention's logits per loop step, models.attention.BLOCK_LOGITS), `group_means=` (dot / reshape:
 models.layers.GROUP_MEANS), any other key an XLA compiler option for that
@@ -91,7 +93,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
 
     # XLA's boolean options must be Python bools: the string "true" is refused.
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
-    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm", "linear")}
+    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm", "linear", "upsample")}
     block_logits = int(options.pop("attention_block_logits", attention.BLOCK_LOGITS))
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...

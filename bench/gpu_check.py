@@ -932,7 +932,7 @@ def _impl_value(text: str) -> tuple[str, str]:
         with implementations(**{kind: name}):  # its checks, nothing else: the choice is undone on leaving
             pass
     except TypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: KIND is one of conv, attention, norm, linear") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: KIND is one of conv, attention, norm, linear, upsample") from None
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return kind, name
@@ -981,8 +981,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         type=_impl_value,
         metavar="KIND=NAME",
-        help="jax-step: how our layers compute, as bench_train_step's --jax (norm=fused, attention=xla, conv=..., "
-        "linear=...; uncond_flax.models.layers.implementations); repeatable",
+        help="jax-step: how our layers compute, as bench_train_step's --jax (norm=fused, upsample=phases, "
+        "attention=xla, conv=..., linear=...; uncond_flax.models.layers.implementations); repeatable",
     )
     parser.add_argument(
         "--trace-dir", default=None, help="jax-step: keep the profiled steps' trace (.xplane.pb) in this folder"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from uncond_flax.models.layers import CONV_IMPLS, CONV_MATMUL_MAX_ROWS, conv_auto
+from uncond_flax.models.layers import CONV_IMPLS, CONV_MATMUL_MAX_ROWS, conv_auto, implementations
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -54,3 +54,65 @@ def test_conv_auto_matches_the_convolution_and_picks_the_matmul_below_the_kernel
     uses_op = _uses_conv_op(lambda x, w: conv_auto(x, w, (stride, stride), pad, dimension_numbers=DN), x, w)
     assert uses_op == (not as_matmul or jax.default_backend() != "cpu")
     assert CONV_IMPLS["auto"] is conv_auto
+
+
+@pytest.mark.parametrize("mode", ["phases", "nearest_conv"])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (3, 4, 4, 16), (1, 1, 3, 4)])
+def test_upsample_conv_forms_match_diffusers_upsample2d(mode, shape, monkeypatch):
+    # Upsample2D as diffusers computes it (nearest 2x, then a 3x3 conv with padding 1): both forms, forward and
+    # the gradients of x, kernel and bias; odd and one-pixel sizes check the phases' padding at each border.
+    import torch
+    from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
+    from flax import nnx
+
+    from uncond_flax.models import resnet
+
+    rng = np.random.default_rng(5)
+    channels = shape[-1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    theirs = TorchUpsample2D(channels, use_conv=True).float()
+    with torch.no_grad():
+        theirs.conv.weight.copy_(torch.from_numpy(rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)))
+        theirs.conv.bias.copy_(torch.from_numpy(rng.standard_normal(channels).astype(np.float32)))
+    x_t = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
+    out_t = theirs(x_t)
+    probe = rng.standard_normal(out_t.shape).astype(np.float32)
+    (out_t * torch.from_numpy(probe)).sum().backward()
+
+    with implementations(upsample=mode):
+        ours = resnet.Upsample2D(channels, rngs=nnx.Rngs(0))
+    assert ours.impl == mode
+    ours.conv.kernel.value = jnp.asarray(np.transpose(theirs.conv.weight.detach().numpy(), (2, 3, 1, 0)))
+    ours.conv.bias.value = jnp.asarray(theirs.conv.bias.detach().numpy())
+    graphdef, params = nnx.split(ours)
+
+    def loss(params, x):
+        out = nnx.merge(graphdef, params)(x)
+        return jnp.sum(out * np.moveaxis(probe, 1, -1)), out
+
+    (g_params, g_x), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, jnp.asarray(x))
+    to_last = lambda a: np.moveaxis(a.detach().numpy(), 1, -1)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(out), to_last(out_t), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(g_x), to_last(x_t.grad), atol=1e-4, rtol=0)
+    kernel_grad = np.transpose(theirs.conv.weight.grad.numpy(), (2, 3, 1, 0))
+    np.testing.assert_allclose(np.asarray(g_params["conv"]["kernel"][...]), kernel_grad, atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_params["conv"]["bias"][...]), theirs.conv.bias.grad.numpy(), atol=1e-4)
+
+
+def test_upsample_conv_is_four_small_convolutions_on_cpu():
+    # The CPU default convolves x itself with four 2x2 kernels (no upsampled image); elsewhere, as diffusers.
+    from flax import nnx
+
+    from uncond_flax.models import resnet
+
+    x = jnp.ones((1, 16, 16, 4))  # 256 rows per phase: convolutions, not conv_auto's matmul form
+
+    def conv_kernels(impl):
+        with implementations(upsample=impl):
+            up = resnet.Upsample2D(4, rngs=nnx.Rngs(0))
+        eqns = jax.make_jaxpr(up)(x).jaxpr.eqns
+        return sorted(e.invars[1].aval.shape[:2] for e in eqns if e.primitive.name == "conv_general_dilated")
+
+    assert conv_kernels("auto") == ([(2, 2)] * 4 if jax.default_backend() == "cpu" else [(3, 3)])
+    assert conv_kernels("nearest_conv") == [(3, 3)]
+    assert conv_kernels("phases") == [(2, 2)] * 4

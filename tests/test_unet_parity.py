@@ -14,6 +14,7 @@ from uncond_flax.export import from_state_dict, load_unet, save_pipeline, save_u
 from uncond_flax.models import FlaxUNet2DModel
 from uncond_flax.models.attention import Attention
 from uncond_flax.models.layers import CONV_IMPLS, GroupNorm, implementations
+from uncond_flax.models.resnet import Upsample2D
 
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
@@ -346,8 +347,11 @@ def test_load_unet_from_a_hub_repo_id(tmp_path, monkeypatch):
         load_unet("someone/other")
 
 
-@pytest.mark.parametrize("conv, attention, norm", [("conv", "xla", "grouped"), ("matmul", "per_head", "fused")])
-def test_compute_implementations_match_diffusers_forward_and_gradient(conv, attention, norm):
+@pytest.mark.parametrize(
+    "conv, attention, norm, upsample",
+    [("conv", "xla", "grouped", "nearest_conv"), ("matmul", "per_head", "fused", "phases")],
+)
+def test_compute_implementations_match_diffusers_forward_and_gradient(conv, attention, norm, upsample):
     # Stride-2 convs with diffusers' bottom/right padding, 1x1 shortcuts, attention over 64 and 16 tokens.
     config = CONFIGS["resnet_up_down_padding0"]
     torch_model = randomized_torch_unet(config, seed=17)
@@ -357,10 +361,12 @@ def test_compute_implementations_match_diffusers_forward_and_gradient(conv, atte
     out_torch = torch_model(x_torch, torch.from_numpy(t)).sample
     (out_torch * nchw(probe)).sum().backward()
 
-    with implementations(conv=conv, attention=attention, norm=norm):
+    with implementations(conv=conv, attention=attention, norm=norm, upsample=upsample):
         ours = unet_from_state_dict(config, {k: v.numpy() for k, v in torch_model.state_dict().items()})
     assert {a.impl for a in _attention_modules(ours)} == {attention}
     assert {m.impl for _, m in nnx.iter_graph(ours) if isinstance(m, GroupNorm)} == {norm}
+    # This config upsamples in its resnets (upsample_type="resnet"): no Upsample2D to set (tests/test_conv_impls.py).
+    assert {m.impl for _, m in nnx.iter_graph(ours) if isinstance(m, Upsample2D)} <= {upsample}
     assert {c.conv_general_dilated for c in _conv_modules(ours)} == {CONV_IMPLS[conv]}
 
     @nnx.jit

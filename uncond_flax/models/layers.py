@@ -259,17 +259,32 @@ ATTENTION_IMPLS = ("auto", "xla", "per_head", "blockwise")
 # (`group_norm_act`): two passes over the activations where autodiff's backward makes several, and no copy of the
 # norm's output kept for SiLU's gradient.
 NORM_IMPLS = ("auto", "grouped", "channel_sums", "fused")
-_impls = {"conv": "auto", "attention": "auto", "norm": "auto", "linear": "auto"}
+# How Upsample2D convolves the upsampled image: "nearest_conv" upsamples, then convolves (as diffusers); "phases"
+# convolves the input itself with four 2x2 kernels (`resnet.upsample_conv_phases`: 16 instead of 36 multiply-adds
+# per input pixel); "auto" = phases on CPU, nearest_conv elsewhere (not measured on a GPU).
+UPSAMPLE_IMPLS = ("auto", "nearest_conv", "phases")
+_impls = {"conv": "auto", "attention": "auto", "norm": "auto", "linear": "auto", "upsample": "auto"}
 
 
 @contextlib.contextmanager
 def implementations(
-    *, conv: str | None = None, attention: str | None = None, norm: str | None = None, linear: str | None = None
+    *,
+    conv: str | None = None,
+    attention: str | None = None,
+    norm: str | None = None,
+    linear: str | None = None,
+    upsample: str | None = None,
 ) -> Iterator[None]:
-    """Layers built inside compute convolutions / attention / group norms / linear layers as named (CONV_IMPLS,
-    ATTENTION_IMPLS, NORM_IMPLS, LINEAR_IMPLS)."""
-    chosen = {"conv": conv, "attention": attention, "norm": norm, "linear": linear}
-    kinds = (("conv", CONV_IMPLS), ("attention", ATTENTION_IMPLS), ("norm", NORM_IMPLS), ("linear", LINEAR_IMPLS))
+    """Layers built inside compute convolutions / attention / group norms / linear layers / upsampling convolutions
+    as named (CONV_IMPLS, ATTENTION_IMPLS, NORM_IMPLS, LINEAR_IMPLS, UPSAMPLE_IMPLS)."""
+    chosen = {"conv": conv, "attention": attention, "norm": norm, "linear": linear, "upsample": upsample}
+    kinds = (
+        ("conv", CONV_IMPLS),
+        ("attention", ATTENTION_IMPLS),
+        ("norm", NORM_IMPLS),
+        ("linear", LINEAR_IMPLS),
+        ("upsample", UPSAMPLE_IMPLS),
+    )
     for kind, choices in kinds:
         if chosen[kind] is not None:
             check_choice(kind, chosen[kind], tuple(choices), "implementations")
@@ -282,7 +297,7 @@ def implementations(
 
 
 def current_implementation(kind: str) -> str:
-    """The implementation layers built now use for `kind` ("conv", "attention", "norm" or "linear")."""
+    """The implementation layers built now use for `kind` ("conv", "attention", "norm", "linear" or "upsample")."""
     return _impls[kind]
 
 
