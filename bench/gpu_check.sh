@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command, on a machine without a package index (about 6 minutes on one H100).
 #
-# Here, once:        bash ../shared/gpu/fetch_wheels.sh      # grain, ml_collections, datasets, diffusers ... -> .whl/
+# Here, once:        bash ../shared/gpu/fetch_wheels.sh portpicker array-record   # grain (and what it needs), ml_collections,
+#                                                                             # datasets, diffusers ... -> .whl/
 # On the GPU machine (the device run carries .whl):
 #                    bash bench/gpu_check.sh                  # results also in $OUT/gpu_check.json when $OUT is set
 #
@@ -24,7 +25,7 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
-  echo "gpu_check.sh: no .whl/ here (run bash ../shared/gpu/fetch_wheels.sh and carry .whl); using what is installed"
+  echo "gpu_check.sh: no .whl/ here (run bash ../shared/gpu/fetch_wheels.sh portpicker array-record and carry .whl); using what is installed"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 autotune="${GPU_CHECK_AUTOTUNE_DIR:-${TMPDIR:-/tmp}/gpu_check_autotune}"
