@@ -116,3 +116,23 @@ def test_upsample_conv_is_four_small_convolutions_on_cpu():
     assert conv_kernels("auto") == ([(2, 2)] * 4 if jax.default_backend() == "cpu" else [(3, 3)])
     assert conv_kernels("nearest_conv") == [(3, 3)]
     assert conv_kernels("phases") == [(2, 2)] * 4
+
+
+@pytest.mark.parametrize("mode", ["phases", "nearest_conv"])
+def test_upsample_conv_forms_compute_in_the_layers_dtype(mode):
+    # Under mixed precision (dtype bf16, float32 parameters) each form multiplies bf16 numbers and returns bf16,
+    # close to the float32 result.
+    from flax import nnx
+
+    from uncond_flax.models import resnet
+
+    with implementations(upsample=mode):
+        up = resnet.Upsample2D(8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        reference = resnet.Upsample2D(8, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 16, 16, 8)), jnp.float32)
+    eqns = jax.make_jaxpr(up)(x.astype(jnp.bfloat16)).jaxpr.eqns
+    convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+    assert convs and all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
+    out = up(x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference(x)), atol=0.1, rtol=0.05)

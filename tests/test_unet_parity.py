@@ -14,7 +14,7 @@ from uncond_flax.export import from_state_dict, load_unet, save_pipeline, save_u
 from uncond_flax.models import FlaxUNet2DModel
 from uncond_flax.models.attention import Attention
 from uncond_flax.models.layers import CONV_IMPLS, GroupNorm, implementations
-from uncond_flax.models.resnet import Upsample2D
+from uncond_flax.models.resnet import ResnetBlock2D
 
 from torch_reference import nchw, nhwc, randomized_torch_unet
 
@@ -365,8 +365,8 @@ def test_compute_implementations_match_diffusers_forward_and_gradient(conv, atte
         ours = unet_from_state_dict(config, {k: v.numpy() for k, v in torch_model.state_dict().items()})
     assert {a.impl for a in _attention_modules(ours)} == {attention}
     assert {m.impl for _, m in nnx.iter_graph(ours) if isinstance(m, GroupNorm)} == {norm}
-    # This config upsamples in its resnets (upsample_type="resnet"): no Upsample2D to set (tests/test_conv_impls.py).
-    assert {m.impl for _, m in nnx.iter_graph(ours) if isinstance(m, Upsample2D)} <= {upsample}
+    # This config upsamples in its resnets (upsample_type="resnet"; Upsample2D: tests/test_conv_impls.py).
+    assert {m.upsample_impl for _, m in nnx.iter_graph(ours) if isinstance(m, ResnetBlock2D) and m.up} == {upsample}
     assert {c.conv_general_dilated for c in _conv_modules(ours)} == {CONV_IMPLS[conv]}
 
     @nnx.jit

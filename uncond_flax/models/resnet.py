@@ -74,6 +74,11 @@ def upsample_conv_phases(conv: nnx.Conv, x_BHWC: jax.Array) -> jax.Array:
     return out if bias is None else out + bias
 
 
+def _phases(impl: str) -> bool:
+    """Whether an upsampling conv built with `impl` (layers.UPSAMPLE_IMPLS) runs as `upsample_conv_phases`."""
+    return impl == "phases" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
 class Upsample2D(nnx.Module):
     """Nearest 2x upsampling followed by a 3x3 conv, computed per `layers.UPSAMPLE_IMPLS`."""
 
@@ -82,7 +87,7 @@ class Upsample2D(nnx.Module):
         self.impl = current_implementation("upsample")
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        if self.impl == "phases" or (self.impl == "auto" and jax.default_backend() == "cpu"):
+        if _phases(self.impl):
             return upsample_conv_phases(self.conv, x_BHWC)
         return self.conv(nearest_upsample_2x(x_BHWC))
 
@@ -115,6 +120,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
         self.up = up
         self.down = down
+        self.upsample_impl = current_implementation("upsample")  # for conv1 after `up` (layers.UPSAMPLE_IMPLS)
         self.nonlinearity = get_activation(non_linearity)
 
         self.norm1 = group_norm(in_channels, groups, eps, **kw)
@@ -132,11 +138,14 @@ class ResnetBlock2D(nnx.Module):
     def __call__(self, x_BHWC: jax.Array, temb_BD: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
         residual = x_BHWC
         h = self.norm1(x_BHWC, activation=self.nonlinearity)
-        if self.up:
-            residual, h = nearest_upsample_2x(residual), nearest_upsample_2x(h)
-        elif self.down:
-            residual, h = avg_pool_2x(residual), avg_pool_2x(h)
-        h = self.conv1(h)
+        if self.up and _phases(self.upsample_impl):
+            residual, h = nearest_upsample_2x(residual), upsample_conv_phases(self.conv1, h)
+        else:
+            if self.up:
+                residual, h = nearest_upsample_2x(residual), nearest_upsample_2x(h)
+            elif self.down:
+                residual, h = avg_pool_2x(residual), avg_pool_2x(h)
+            h = self.conv1(h)
 
         if self.time_emb_proj is not None:
             temb_BD = self.time_emb_proj(self.nonlinearity(temb_BD))[:, None, None, :]
