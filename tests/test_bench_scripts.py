@@ -386,3 +386,30 @@ def test_start_bench_times_real_starts_and_a_new_key_served_by_jaxs_cache_is_kep
     assert first["step"] == "traced" and first["jax_cache_hits"] >= 1 and first["kept_now"]
     assert second["step"] == "kept, untraced"
     assert "cpu_reuse_memory=false           again 1  ready in" in capsys.readouterr().out
+
+
+def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
+    # The one-call GPU script, at the tiny preset on a CPU: four runs of gpu_check.sh (the trainer's step, then
+    # each prepared lever and both), torch's step with the first, one JSON each, and a table comparing them.
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_LEVERS_LIMIT_S": "300"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_levers.sh"), "--preset", "tiny", "--batch", "16", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = ["trainer", "norm=fused", "upsample=phases", "norm=fused+upsample=phases"]
+    results = {name: json.loads((tmp_path / f"levers-{name}.json").read_text())["results"] for name in names}
+    assert set(results["trainer"]) == {"jax-step:bf16", "torch-step"}
+    assert all(set(results[name]) == {"jax-step:bf16"} for name in names[1:])
+    assert results["norm=fused"]["jax-step:bf16"]["implementations"] == {"norm": "fused"}
+    both = results["norm=fused+upsample=phases"]["jax-step:bf16"]["implementations"]
+    assert both == {"norm": "fused", "upsample": "phases"}
+    table = proc.stdout[proc.stdout.index("== levers") :]
+    for name in ["trainer", "norm=fused ", "upsample=phases", "norm=fused upsample=phases", "torch "]:
+        assert f"\n{name}" in table, table
+    assert "1.00x" in table and "x torch's img/s" in table
