@@ -112,18 +112,19 @@ def test_group_means_are_dots_on_cpu_and_a_reshape_when_asked(monkeypatch):
     assert "dot_general" in primitives()
 
 
-def test_fused_norm_keeps_x_for_its_backward_pass_not_the_norms_output():
+def test_fused_norm_keeps_x_for_its_backward_pass_not_the_norms_output():  # and is the default on CPU
     # What the forward pass keeps for the backward one: with SiLU taken in, the float32 norm output and its sigmoid
     # are not among the residuals (only x, the parameters and the (B, C) statistics), unlike autodiff's.
     x = jnp.ones((2, 8, 8, 32), jnp.bfloat16)
     kept = {}
-    for impl in ("channel_sums", "fused"):
+    for impl in ("channel_sums", "fused", "auto"):
         with implementations(norm=impl):
             norm = group_norm(32, 8, 1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(norm)
         residuals = jax.vjp(lambda x: nnx.merge(graphdef, params)(x, activation=jax.nn.silu), x)[1]
         kept[impl] = sum(leaf.size for leaf in jax.tree.leaves(residuals) if leaf.ndim == 4)
     assert kept["fused"] == x.size and kept["channel_sums"] >= 2 * x.size
+    assert jax.default_backend() != "cpu" or kept["auto"] == kept["fused"]  # the CPU default is fused
 
 
 def test_group_norm_formulations_agree_in_bfloat16():

@@ -252,12 +252,13 @@ LINEAR_IMPLS: dict[str, Callable[..., jax.Array]] = {"auto": dense_dot, "dot": l
 # CPU, xla elsewhere.
 ATTENTION_IMPLS = ("auto", "xla", "per_head", "blockwise")
 # How GroupNorm reduces: "grouped" = flax's nnx.GroupNorm (reshape to (..., G, C/G), reduce over a minor axis of
-# C/G); "channel_sums" = sum each channel over space first, then the channels of a group; "auto" = channel_sums
-# on CPU, where XLA runs the short minor-axis reductions slowly: norm + SiLU 6x faster at 16 channels in 8 groups,
-# 1.2x at 224 in 32; the digits UNet samples 1.4x faster (bench_sampling.py, bench_train_step.py --jax norm=...).
-# "fused" = channel_sums' statistics with a hand-written backward pass that also takes the SiLU after the norm
-# (`group_norm_act`): two passes over the activations where autodiff's backward makes several, and no copy of the
-# norm's output kept for SiLU's gradient.
+# C/G); "channel_sums" = sum each channel over space first, then the channels of a group (on CPU, where XLA runs
+# the short minor-axis reductions slowly: norm + SiLU 6x faster than grouped at 16 channels in 8 groups, 1.2x at
+# 224 in 32; the digits UNet samples 1.4x faster); "fused" = channel_sums' statistics with a hand-written backward
+# pass that also takes the SiLU after the norm (`group_norm_act`): two passes over the activations where
+# autodiff's backward makes several, and no copy of the norm's output kept for SiLU's gradient. "auto" = fused on
+# CPU (the small UNet's step 0.111-0.113 s against 0.117-0.119 with channel_sums on two cores, 0.177 against 0.180
+# on one), grouped elsewhere (fused not measured on a GPU). bench_train_step.py --jax norm=... compares them.
 NORM_IMPLS = ("auto", "grouped", "channel_sums", "fused")
 # How Upsample2D convolves the upsampled image: "nearest_conv" upsamples, then convolves (as diffusers); "phases"
 # convolves the input itself with four 2x2 kernels (`resnet.upsample_conv_phases`: 16 instead of 36 multiply-adds
@@ -365,7 +366,7 @@ class GroupNorm(nnx.GroupNorm):
         its backward pass."""
         impl = self.impl
         if impl == "auto":
-            impl = "channel_sums" if jax.default_backend() == "cpu" else "grouped"
+            impl = "fused" if jax.default_backend() == "cpu" else "grouped"
         if impl == "grouped" or mask is not None or self.reduction_axes is not None:
             y = super().__call__(x, mask=mask)
             return y if activation is None else activation(y)
