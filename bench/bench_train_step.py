@@ -93,7 +93,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
 
     # XLA's boolean options must be Python bools: the string "true" is refused.
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
-    impls = {kind: options.pop(kind, None) for kind in ("conv", "attention", "norm", "linear", "upsample")}
+    impls = {kind: options.pop(kind, None) for kind in layers.IMPLEMENTATION_KINDS}
     block_logits = int(options.pop("attention_block_logits", attention.BLOCK_LOGITS))
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...

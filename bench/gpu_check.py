@@ -923,7 +923,7 @@ def _field_value(text: str) -> tuple[str, Any]:
 
 def _impl_value(text: str) -> tuple[str, str]:
     """KIND=NAME -> (kind, name), checked against the layers' implementations before anything compiles."""
-    from uncond_flax.models.layers import implementations
+    from uncond_flax.models.layers import IMPLEMENTATION_KINDS, implementations
 
     kind, sep, name = text.partition("=")
     if not sep or not kind or not name:
@@ -932,7 +932,7 @@ def _impl_value(text: str) -> tuple[str, str]:
         with implementations(**{kind: name}):  # its checks, nothing else: the choice is undone on leaving
             pass
     except TypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: KIND is one of conv, attention, norm, linear, upsample") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: KIND is one of {', '.join(IMPLEMENTATION_KINDS)}") from None
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return kind, name

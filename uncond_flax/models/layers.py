@@ -265,6 +265,8 @@ NORM_IMPLS = ("auto", "grouped", "channel_sums", "fused")
 # per input pixel); "auto" = phases on CPU, nearest_conv elsewhere (not measured on a GPU).
 UPSAMPLE_IMPLS = ("auto", "nearest_conv", "phases")
 _impls = {"conv": "auto", "attention": "auto", "norm": "auto", "linear": "auto", "upsample": "auto"}
+# The keyword arguments of `implementations`, one per kind of layer.
+IMPLEMENTATION_KINDS = tuple(_impls)
 
 
 @contextlib.contextmanager
@@ -411,11 +413,15 @@ def _group_mean(sums_BC: jax.Array, num_groups: int, count: int) -> jax.Array:
     return jnp.repeat(sums_BG / count, c // num_groups, axis=1)
 
 
+def _group_count(x: jax.Array, num_groups: int) -> int:
+    """The elements of `x` in one (image, group): its spatial size times the channels per group."""
+    return math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+
+
 def _group_norm_forward(x, scale, bias, num_groups: int, epsilon: float):
     """(float32 norm of x with scale and bias applied, (mean, rstd) per (B, C)): each channel summed over space
     first, then the channels of a group (XLA:CPU runs short minor-axis reductions slowly)."""
-    spatial = _spatial(x)
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    spatial, count = _spatial(x), _group_count(x, num_groups)
     xf = x.astype(jnp.float32)
     mean_BC = _group_mean(xf.sum(axis=spatial), num_groups, count)
     centered = xf - _as_BsC(mean_BC, x)
@@ -442,8 +448,7 @@ def _group_norm_act_fwd(x, scale, bias, num_groups, epsilon, silu):
 
 def _group_norm_act_bwd(num_groups, epsilon, silu, residuals, g):
     x, scale, bias, mean_BC, rstd_BC = residuals
-    spatial = _spatial(x)
-    count = math.prod(x.shape[1:-1]) * (x.shape[-1] // num_groups)
+    spatial, count = _spatial(x), _group_count(x, num_groups)
     xhat = (x.astype(jnp.float32) - _as_BsC(mean_BC, x)) * _as_BsC(rstd_BC, x)
     dy = g.astype(jnp.float32)  # the gradient at the norm's output (after scale and bias)
     if silu:

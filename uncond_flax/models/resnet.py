@@ -74,9 +74,12 @@ def upsample_conv_phases(conv: nnx.Conv, x_BHWC: jax.Array) -> jax.Array:
     return out if bias is None else out + bias
 
 
-def _phases(impl: str) -> bool:
-    """Whether an upsampling conv built with `impl` (layers.UPSAMPLE_IMPLS) runs as `upsample_conv_phases`."""
-    return impl == "phases" or (impl == "auto" and jax.default_backend() == "cpu")
+def upsampled_conv(conv: nnx.Conv, x_BHWC: jax.Array, impl: str) -> jax.Array:
+    """`conv(nearest_upsample_2x(x))` computed as `impl` (layers.UPSAMPLE_IMPLS) says: "phases" (and "auto" on CPU)
+    as `upsample_conv_phases`, else as written."""
+    if impl == "phases" or (impl == "auto" and jax.default_backend() == "cpu"):
+        return upsample_conv_phases(conv, x_BHWC)
+    return conv(nearest_upsample_2x(x_BHWC))
 
 
 class Upsample2D(nnx.Module):
@@ -87,9 +90,7 @@ class Upsample2D(nnx.Module):
         self.impl = current_implementation("upsample")
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        if _phases(self.impl):
-            return upsample_conv_phases(self.conv, x_BHWC)
-        return self.conv(nearest_upsample_2x(x_BHWC))
+        return upsampled_conv(self.conv, x_BHWC, self.impl)
 
 
 class ResnetBlock2D(nnx.Module):
@@ -138,12 +139,10 @@ class ResnetBlock2D(nnx.Module):
     def __call__(self, x_BHWC: jax.Array, temb_BD: jax.Array | None, rngs: nnx.Rngs | None = None) -> jax.Array:
         residual = x_BHWC
         h = self.norm1(x_BHWC, activation=self.nonlinearity)
-        if self.up and _phases(self.upsample_impl):
-            residual, h = nearest_upsample_2x(residual), upsample_conv_phases(self.conv1, h)
+        if self.up:
+            residual, h = nearest_upsample_2x(residual), upsampled_conv(self.conv1, h, self.upsample_impl)
         else:
-            if self.up:
-                residual, h = nearest_upsample_2x(residual), nearest_upsample_2x(h)
-            elif self.down:
+            if self.down:
                 residual, h = avg_pool_2x(residual), avg_pool_2x(h)
             h = self.conv1(h)
 
