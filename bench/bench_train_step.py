@@ -8,6 +8,7 @@
     python bench/bench_train_step.py --jax "" --jax "attention=xla"   # the CPU default vs all heads at once
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --jax "attention_block_logits=65536" --jax ""   # one pair per loop step vs 16
+    python bench/bench_train_step.py --jax "attention_chains=1" --jax ""   # one chain of products per loop step vs 4
     python bench/bench_train_step.py --jax "group_means=reshape" --jax ""   # GroupNorm's group means: repeat vs dot
     python bench/bench_train_step.py --jax "upsample=nearest_conv" --jax ""   # Upsample2D: as diffusers vs phases
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
@@ -24,7 +25,8 @@ step. The sides alternate step by step, so a busy machine slows all alike; read 
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` / `upsample=`
 (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
-attention's logits per loop step, models.attention.BLOCK_LOGITS), `group_means=` (dot / reshape:
+attention's logits per loop step, models.attention.BLOCK_LOGITS), `attention_chains=` (its independent chains per
+loop step, models.attention.CHAINS), `group_means=` (dot / reshape:
 models.layers.GROUP_MEANS), any other key an XLA compiler option for that
 variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
@@ -95,12 +97,14 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
     impls = {kind: options.pop(kind, None) for kind in layers.IMPLEMENTATION_KINDS}
     block_logits = int(options.pop("attention_block_logits", attention.BLOCK_LOGITS))
+    chains = int(options.pop("attention_chains", attention.CHAINS))
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...
         config[field] = options.pop(field)
 
     config = resolve_config(config)
     default_block, attention.BLOCK_LOGITS = attention.BLOCK_LOGITS, block_logits  # read while tracing
+    default_chains, attention.CHAINS = attention.CHAINS, chains
     default_means, layers.GROUP_MEANS = layers.GROUP_MEANS, options.pop("group_means", layers.GROUP_MEANS)
     try:
         with implementations(**impls):
@@ -108,7 +112,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
                 config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
             )
     finally:
-        attention.BLOCK_LOGITS, layers.GROUP_MEANS = default_block, default_means
+        attention.BLOCK_LOGITS, attention.CHAINS, layers.GROUP_MEANS = default_block, default_chains, default_means
     res = config.resolution
     shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

@@ -72,6 +72,34 @@ def test_blockwise_groups_pairs_to_fit_the_block_and_divide_the_pairs(monkeypatc
     assert attention._pairs_per_block(21, 64) == 7  # 16 fit; the largest divisor of 21 up to 16
 
 
+def test_blockwise_splits_each_loop_step_into_independent_chains(monkeypatch):
+    assert [attention._chain_count(p) for p in (16, 9, 6, 35, 1, 2)] == [4, 3, 3, 1, 1, 2]
+    monkeypatch.setattr(attention, "CHAINS", 2)
+    assert attention._chain_count(16) == 2
+    monkeypatch.undo()
+
+    # The small UNet's 16 px attention: 128 pairs, 16 per loop step, so each step is 4 chains of 4 pairs. Their
+    # logits are 4 separate (4, 256, 256) products in the loop's body, forward and backward.
+    q, k, v, probe = _qkv_and_probe(16, 256, 8, 8)
+    jaxpr = jax.make_jaxpr(lambda *a: _out_and_grads(lambda q, k, v: attention_blockwise(q, k, v, 0.35), *a))(
+        q, k, v, probe
+    )
+    bodies = [eqn.params["jaxpr"].jaxpr for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert len(bodies) == 2  # forward, backward
+
+    def logits_products(body):
+        return [
+            eqn
+            for eqn in body.eqns
+            if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[1:] == (256, 256)
+        ]
+
+    for body in bodies:
+        products = logits_products(body)
+        assert {eqn.outvars[0].aval.shape[0] for eqn in products} == {4}
+        assert len(products) == 4 * (1 if body is bodies[0] else 2)  # backward: logits and dprobs per chain
+
+
 def test_blockwise_computes_in_float32_for_bfloat16_inputs():
     q, k, v, probe = _qkv_and_probe(2, 64, 2, 8, jnp.bfloat16)
     out = attention_blockwise(q, k, v, 8**-0.5)

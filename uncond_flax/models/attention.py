@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,34 +55,59 @@ def _blockwise_core(q_GCTH: jax.Array, kT_GCHS: jax.Array, v_GCSH: jax.Array) ->
     return _blockwise_fwd(q_GCTH, kT_GCHS, v_GCSH)[0]
 
 
-def _blockwise_fwd(q_GCTH, kT_GCHS, v_GCSH):
-    def block(qkv):
-        q_CTH, kT_CHS, v_CSH = qkv
-        logits_CTS = jnp.einsum("cth,chs->cts", q_CTH, kT_CHS)
-        peak_CT1 = jnp.max(logits_CTS, axis=-1, keepdims=True)
-        e_CTS = jnp.exp(logits_CTS - peak_CT1)
-        total_CT1 = jnp.sum(e_CTS, axis=-1, keepdims=True)
-        out_CTH = jnp.einsum("cts,csh->cth", e_CTS, v_CSH) / total_CT1
-        return out_CTH, peak_CT1 + jnp.log(total_CT1)
+# Independent chains per loop step of attention_blockwise: each step's pairs are split into this many groups whose
+# products and softmaxes share nothing, so XLA:CPU's executor runs them on different pool threads at once (one chain
+# of 50-100 us ops kept one core busy while the other mostly waited: the attention ran 1.2x faster on two cores than
+# on one, the rest of the step 1.7x). The small UNet's step on two cores: 0.101-0.104 s against 0.110-0.114 with one
+# chain (torch 0.166-0.170: 0.61x against 0.66-0.67x); AVX2 0.114 against 0.128; one pinned core 0.178 against
+# 0.179; the digits and default UNets unchanged (bench/bench_train_step.py --jax "attention_chains=1" --jax "").
+CHAINS = 4
 
-    out_GCTH, logsumexp_GCT1 = jax.lax.map(block, (q_GCTH, kT_GCHS, v_GCSH))
+
+def _chain_count(pairs: int) -> int:
+    """The largest divisor of `pairs` up to CHAINS."""
+    return max(d for d in range(1, min(CHAINS, pairs) + 1) if pairs % d == 0)
+
+
+def _in_chains(block: Callable[..., tuple], arrays: tuple) -> tuple:
+    """`block` applied to `_chain_count` equal slices of the pair axis (the leading one), outputs concatenated."""
+    pairs = arrays[0].shape[0]
+    n = _chain_count(pairs)
+    size = pairs // n
+    outs = [block(*(a[i * size : (i + 1) * size] for a in arrays)) for i in range(n)]
+    return tuple(jnp.concatenate(parts, axis=0) if n > 1 else parts[0] for parts in zip(*outs))
+
+
+def _forward_block(q_CTH, kT_CHS, v_CSH):
+    logits_CTS = jnp.einsum("cth,chs->cts", q_CTH, kT_CHS)
+    peak_CT1 = jnp.max(logits_CTS, axis=-1, keepdims=True)
+    e_CTS = jnp.exp(logits_CTS - peak_CT1)
+    total_CT1 = jnp.sum(e_CTS, axis=-1, keepdims=True)
+    out_CTH = jnp.einsum("cts,csh->cth", e_CTS, v_CSH) / total_CT1
+    return out_CTH, peak_CT1 + jnp.log(total_CT1)
+
+
+def _backward_block(q_CTH, kT_CHS, v_CSH, out_CTH, logsumexp_CT1, dout_CTH):
+    # The probabilities again, from the saved log-sum-exp: no T x T array is kept between the passes.
+    probs_CTS = jnp.exp(jnp.einsum("cth,chs->cts", q_CTH, kT_CHS) - logsumexp_CT1)
+    # Products contracting the tokens of both operands ("cth,cts->chs") run in XLA's own single-threaded GEMM;
+    # with the small operand transposed first they are plain batched products that YNNPACK runs.
+    dvT_CHS = jnp.einsum("cht,cts->chs", _no_layout_fold(jnp.swapaxes(dout_CTH, 1, 2)), probs_CTS)
+    dprobs_CTS = jnp.einsum("cth,chs->cts", dout_CTH, _no_layout_fold(jnp.swapaxes(v_CSH, 1, 2)))
+    # softmax's vjp: p * (dp - sum_s p dp), where sum_s p dp = sum_h out * dout.
+    dlogits_CTS = probs_CTS * (dprobs_CTS - jnp.sum(out_CTH * dout_CTH, axis=-1, keepdims=True))
+    dq_CTH = jnp.einsum("cts,csh->cth", dlogits_CTS, jnp.swapaxes(kT_CHS, 1, 2))
+    dkT_CHS = jnp.einsum("cht,cts->chs", _no_layout_fold(jnp.swapaxes(q_CTH, 1, 2)), dlogits_CTS)
+    return dq_CTH, dkT_CHS, jnp.swapaxes(_no_layout_fold(dvT_CHS), 1, 2)
+
+
+def _blockwise_fwd(q_GCTH, kT_GCHS, v_GCSH):
+    out_GCTH, logsumexp_GCT1 = jax.lax.map(lambda qkv: _in_chains(_forward_block, qkv), (q_GCTH, kT_GCHS, v_GCSH))
     return out_GCTH, (q_GCTH, kT_GCHS, v_GCSH, out_GCTH, logsumexp_GCT1)
 
 
 def _blockwise_bwd(residuals, dout_GCTH):
-    def block(args):
-        q_CTH, kT_CHS, v_CSH, out_CTH, logsumexp_CT1, dout_CTH = args
-        # The probabilities again, from the saved log-sum-exp: no T x T array is kept between the passes.
-        probs_CTS = jnp.exp(jnp.einsum("cth,chs->cts", q_CTH, kT_CHS) - logsumexp_CT1)
-        dvT_CHS = jnp.einsum("cth,cts->chs", dout_CTH, probs_CTS)
-        dprobs_CTS = jnp.einsum("cth,chs->cts", dout_CTH, _no_layout_fold(jnp.swapaxes(v_CSH, 1, 2)))
-        # softmax's vjp: p * (dp - sum_s p dp), where sum_s p dp = sum_h out * dout.
-        dlogits_CTS = probs_CTS * (dprobs_CTS - jnp.sum(out_CTH * dout_CTH, axis=-1, keepdims=True))
-        dq_CTH = jnp.einsum("cts,csh->cth", dlogits_CTS, jnp.swapaxes(kT_CHS, 1, 2))
-        dkT_CHS = jnp.einsum("cth,cts->chs", q_CTH, dlogits_CTS)
-        return dq_CTH, dkT_CHS, jnp.swapaxes(_no_layout_fold(dvT_CHS), 1, 2)
-
-    return jax.lax.map(block, (*residuals, dout_GCTH))
+    return jax.lax.map(lambda args: _in_chains(_backward_block, args), (*residuals, dout_GCTH))
 
 
 _blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
