@@ -96,23 +96,29 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     # XLA's boolean options must be Python bools: the string "true" is refused.
     options = {key: {"true": True, "false": False}.get(value, value) for key, value in variant.items()}
     impls = {kind: options.pop(kind, None) for kind in layers.IMPLEMENTATION_KINDS}
-    block_logits = int(options.pop("attention_block_logits", attention.BLOCK_LOGITS))
-    chains = int(options.pop("attention_chains", attention.CHAINS))
+    # Module settings read while tracing: (module, attribute, parse) per variant key.
+    settings = {
+        "attention_block_logits": (attention, "BLOCK_LOGITS", int),
+        "attention_chains": (attention, "CHAINS", int),
+        "group_means": (layers, "GROUP_MEANS", str),
+    }
+    chosen = {key: parse(options.pop(key)) for key, (_, _, parse) in settings.items() if key in options}
     config = config.copy_and_resolve_references()
     for field in [key for key in options if key in config]:  # accumulation_loop=, grad_norm_reduction=, ...
         config[field] = options.pop(field)
 
     config = resolve_config(config)
-    default_block, attention.BLOCK_LOGITS = attention.BLOCK_LOGITS, block_logits  # read while tracing
-    default_chains, attention.CHAINS = attention.CHAINS, chains
-    default_means, layers.GROUP_MEANS = layers.GROUP_MEANS, options.pop("group_means", layers.GROUP_MEANS)
+    defaults = {key: getattr(module, name) for key, (module, name, _) in settings.items()}
+    for key, value in chosen.items():
+        setattr(settings[key][0], settings[key][1], value)
     try:
         with implementations(**impls):
             step, state, images_sharding, compile_s, _ = compile_step(
                 config, make_mesh(devices=jax.devices()[:1]), compiler_options=options
             )
     finally:
-        attention.BLOCK_LOGITS, attention.CHAINS, layers.GROUP_MEANS = default_block, default_chains, default_means
+        for key, value in defaults.items():
+            setattr(settings[key][0], settings[key][1], value)
     res = config.resolution
     shape = (config.gradient_accumulation_steps, batch, res, res, config.model.in_channels)
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)

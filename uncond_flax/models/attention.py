@@ -37,10 +37,14 @@ def attention_per_head(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.Array, 
 BLOCK_LOGITS = 1 << 20
 
 
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of `n` up to `limit` (at least 1)."""
+    return max(d for d in range(1, min(n, max(1, limit)) + 1) if n % d == 0)
+
+
 def _pairs_per_block(pairs: int, tokens: int) -> int:
     """The largest divisor of `pairs` whose logits fit BLOCK_LOGITS (at least 1)."""
-    fit = max(1, BLOCK_LOGITS // (tokens * tokens))
-    return max(d for d in range(1, min(pairs, fit) + 1) if pairs % d == 0)
+    return _largest_divisor(pairs, BLOCK_LOGITS // (tokens * tokens))
 
 
 def _no_layout_fold(x: jax.Array) -> jax.Array:
@@ -66,7 +70,7 @@ CHAINS = 4
 
 def _chain_count(pairs: int) -> int:
     """The largest divisor of `pairs` up to CHAINS."""
-    return max(d for d in range(1, min(CHAINS, pairs) + 1) if pairs % d == 0)
+    return _largest_divisor(pairs, CHAINS)
 
 
 def _in_chains(block: Callable[..., tuple], arrays: tuple) -> tuple:
