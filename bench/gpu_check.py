@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # state + 79 s to compile; fp32 33 s + 49 s; torch's section 23 s. With Triton GEMMs left on, XLA's autotuning
 # had not finished compiling the bf16 step after 110 s; with --xla_gpu_autotune_level=0 it compiles in 57 s but
 # cuDNN's untuned convolutions make a step take 30 s instead of 42 ms.
-BUDGETS = {"env": 15, "jax-step:bf16": 150, "torch-step": 40, "tiny-train": 35, "attention": 20, "jax-step:no": 110}
+BUDGETS = {"env": 45, "jax-step:bf16": 150, "torch-step": 40, "tiny-train": 35, "attention": 20, "jax-step:no": 110}
 TOTAL_LIMIT_S = 350.0
 # --sections keys for one precision of the jax-step section (the section name alone runs both).
 PRECISION_KEYS = ("jax-step:bf16", "jax-step:no")
@@ -151,6 +151,9 @@ def section_env(args: argparse.Namespace) -> dict[str, Any]:
         "jax": jax.__version__,
         "preset": "default" if jax.default_backend() == "gpu" else "small",
     }
+    # Reported at once, before the slow imports below (torch, diffusers: more than 15 s on a fresh GPU machine),
+    # so that a section cut short still tells the driver which preset "auto" means.
+    _report("env", result)
     try:
         import torch
 
@@ -784,8 +787,11 @@ def run_section(name: str, argv: list[str], budget_s: float, env: dict[str, str]
             proc.wait()
     reader.join(timeout=5)
     seconds = time.perf_counter() - start
-    if results:
+    if results and status is None:
         return {**results[-1], "wall_s": seconds}
+    if results:  # cut short after an early report (env's backend and preset): kept, with the error
+        _say(f"  {name}: {status} after {seconds:.0f} s; kept what it reported before")
+        return {**results[-1], "error": status, "wall_s": seconds}
     status = status or f"exit code {proc.returncode}"
     _say(f"  {name}: no result ({status} after {seconds:.0f} s)")
     return {"section": name, "error": status, "wall_s": seconds}
@@ -859,9 +865,9 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
     signal.signal(signal.SIGTERM, _raise_stopped)
     stopped = False
 
-    def run(key: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def run(key: str, name: str, argv: list[str], env: dict[str, str] | None = None, force: bool = False) -> None:
         nonlocal stopped
-        if not (name in args.sections or key in args.sections) or stopped:
+        if not (force or name in args.sections or key in args.sections) or stopped:
             return
         scale = args.time_scale * PRESET_TIME_SCALE.get(preset, 1.0)
         total = args.total_limit or TOTAL_LIMIT_S * scale
@@ -876,9 +882,14 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
             stopped = True
 
     preset = args.preset
-    run("env", "env", [])
+    # The preset "auto" comes from the env section's backend, so that section runs whenever the preset is auto,
+    # named in --sections or not: `--sections jax-step:bf16` on a GPU measures the default UNet, not the small one.
+    run("env", "env", [], force=preset == "auto")
     if preset == "auto":
-        preset = results.get("env", {}).get("preset", "small")
+        preset = results.get("env", {}).get("preset")
+        if preset is None:
+            _say("== the env section gave no backend, so the preset is small; name one with --preset")
+            preset = "small"
     common = ["--preset", preset] + (["--batch", str(args.batch)] if args.batch else [])
     common += ["--steps", str(args.steps)] if args.steps else []
     common += [f"--set={field}={value!r}" for field, value in args.set]  # the config both UNets are built from

@@ -206,6 +206,35 @@ def test_driver_runs_one_precision_when_asked(monkeypatch):
         gpu_check.main(["--sections", "jax-step:fp8"])
 
 
+def test_auto_preset_runs_env_even_when_not_asked_and_takes_its_backends_preset(monkeypatch):
+    # `--sections jax-step:bf16` with the preset left to "auto" once measured the small UNet on an H100: the env
+    # section, which names the preset, had not run. Now it runs whenever the preset is auto.
+    calls = {}
+
+    def record(name, argv, *_):
+        calls.setdefault(name, []).append(argv)
+        result = {"section": name, "error": "recorded, not run"}
+        return {**result, "preset": "default"} if name == "env" else result  # env as when cut after its report
+
+    monkeypatch.setattr(gpu_check, "run_section", record)
+    gpu_check.main(["--sections", "jax-step:bf16"])
+    ((argv,),) = (calls["jax-step"],)
+    assert "env" in calls and argv[argv.index("--preset") + 1] == "default"
+    calls.clear()
+    gpu_check.main(["--sections", "jax-step:bf16", "--preset", "tiny"])  # a named preset needs no env section
+    assert set(calls) == {"jax-step"}
+
+
+def test_env_cut_short_in_its_slow_imports_still_gives_the_preset(tmp_path):
+    # A fresh GPU machine took longer than env's limit importing torch and diffusers. Here a torch that takes a
+    # minute to import: the section is killed, and the preset it reported before those imports is kept.
+    (tmp_path / "torch.py").write_text("import time\ntime.sleep(60)\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    result = gpu_check.run_section("env", [], 12.0, env={"PYTHONPATH": path})
+    assert result["error"] == "timed out" and result["preset"] == "small" and result["backend"] == "cpu"
+    assert "torch" not in result
+
+
 def test_impl_builds_the_jax_step_with_those_layers_and_leaves_torch_alone(monkeypatch, capsys):
     from uncond_flax.models.layers import current_implementation
 
@@ -260,7 +289,7 @@ def test_driver_runs_each_section_in_a_child_and_summarizes(tmp_path):
 
 
 def test_driver_kills_an_overrunning_section_and_goes_on(tmp_path):
-    results, stdout = _drive(tmp_path, "--sections", "env", "--time-scale", "0.05")  # a 2 s limit for env
+    results, stdout = _drive(tmp_path, "--sections", "env", "--time-scale", "0.01")  # a 0.45 s limit for env
     assert results["env"]["error"] == "timed out"
     assert "env              ERROR: timed out" in stdout
 
