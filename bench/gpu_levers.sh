@@ -9,6 +9,12 @@
 # On the GPU machine (the device run carries .whl):
 #                    bash bench/gpu_levers.sh                 # one JSON per variant in $OUT (else a temporary folder)
 #                    bash bench/gpu_levers.sh --batch 256     # any other gpu_check.py arguments go to every run
+#   GPU_LEVERS_VARIANTS="trainer;norm=fused;set:grad_norm_reduction=concat" bash bench/gpu_levers.sh   # other variants
+#
+# A variant is words: `trainer` (the step as the trainer builds it; torch's step rides with it), KIND=NAME (an
+# `--impl`), set:FIELD=VALUE (a `--set`: a config field, both sides) or batch:N. Each variant's JSON is
+# levers-<variant>.json with every character but letters, digits, '.', '_' and '-' as '_' (files the device
+# tool brings back from $OUT must be named so).
 #
 # GPU_LEVERS_LIMIT_S (default 110) cuts each variant's run. The first gets GPU_LEVERS_FIRST_LIMIT_S (default 200):
 # it creates the state and compiles cold (19 s + 80 s on one H100), fills XLA's autotuning cache for the
@@ -19,38 +25,43 @@ out="${OUT:-$(mktemp -d)}"
 cache="$(mktemp -d)"
 limit="${GPU_LEVERS_LIMIT_S:-110}"
 first_limit="${GPU_LEVERS_FIRST_LIMIT_S:-200}"
-variants=(trainer norm=fused upsample=phases "norm=fused upsample=phases")
+IFS=';' read -r -a variants <<< "${GPU_LEVERS_VARIANTS:-trainer;norm=fused;upsample=phases;norm=fused upsample=phases}"
+file_name() { local name="levers-${1// /+}"; echo "${name//[^A-Za-z0-9._-]/_}"; }
 for variant in "${variants[@]}"; do
   impls=()
   sections=jax-step:bf16
-  for impl in $variant; do
-    [ "$impl" = trainer ] && sections=jax-step:bf16,torch-step && continue
-    impls+=(--impl "$impl")
+  for word in $variant; do
+    case "$word" in
+      trainer) sections=jax-step:bf16,torch-step ;;
+      set:*) impls+=(--set "${word#set:}") ;;
+      batch:*) impls+=(--batch "${word#batch:}") ;;
+      *) impls+=(--impl "$word") ;;
+    esac
   done
-  name="levers-${variant// /+}"
+  name="$(file_name "$variant")"
   echo "=== $variant"
   GPU_CHECK_LIMIT_S=$((first_limit + 60)) bash bench/gpu_check.sh --sections "$sections" --cache-dir "$cache" \
     --total-limit "$first_limit" --out "$out/$name.json" ${impls[@]+"${impls[@]}"} "$@"
   first_limit=$limit
 done
 python3 - "$out" "${variants[@]}" <<'PY'
-import json, os, sys
+import json, os, re, sys
 
 out, variants = sys.argv[1], sys.argv[2:]
-print("\n== levers (bf16 train step; ratio: the trainer's step time over the variant's)")
+print("\n== levers (bf16 train step; ratio: the variant's img/s over the first's)")
 base = None
 for variant in variants:
-    path = os.path.join(out, "levers-" + variant.replace(" ", "+") + ".json")
+    path = os.path.join(out, re.sub(r"[^A-Za-z0-9._-]", "_", "levers-" + variant.replace(" ", "+")) + ".json")
     results = json.load(open(path))["results"] if os.path.exists(path) else {}
     step = results.get("jax-step:bf16", {})
     torch = results.get("torch-step", {})
     if "step_s" not in step:
         print(f"{variant:28s} no result ({step.get('error', 'missing')})")
         continue
-    base = base or step["step_s"]
+    base = base or step["img_per_s"]
     mfu = f"{step['mfu']:.1%}" if step.get("mfu") is not None else "n/a"
     print(f"{variant:28s} {step['step_s'] * 1e3:8.1f} ms/step {step['img_per_s']:9.1f} img/s  MFU {mfu:>6}  "
-          f"{base / step['step_s']:.2f}x")
+          f"{step['img_per_s'] / base:.2f}x")
     if "step_s" in torch:
         print(f"{'torch':28s} {torch['step_s'] * 1e3:8.1f} ms/step {torch['img_per_s']:9.1f} img/s  "
               f"(the trainer's step: {step['img_per_s'] / torch['img_per_s']:.2f}x torch's img/s)")

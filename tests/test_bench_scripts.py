@@ -432,7 +432,10 @@ def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = ["trainer", "norm=fused", "upsample=phases", "norm=fused+upsample=phases"]
-    results = {name: json.loads((tmp_path / f"levers-{name}.json").read_text())["results"] for name in names}
+    # Named with letters, digits, '.', '_' and '-' only: the device tool brings no other file back from $OUT.
+    files = {name: tmp_path / f"levers-{name.replace('=', '_').replace('+', '_')}.json" for name in names}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files.values())
+    results = {name: json.loads(files[name].read_text())["results"] for name in names}
     assert set(results["trainer"]) == {"jax-step:bf16", "torch-step"}
     assert all(set(results[name]) == {"jax-step:bf16"} for name in names[1:])
     assert results["norm=fused"]["jax-step:bf16"]["implementations"] == {"norm": "fused"}
@@ -442,3 +445,27 @@ def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
     for name in ["trainer", "norm=fused ", "upsample=phases", "norm=fused upsample=phases", "torch "]:
         assert f"\n{name}" in table, table
     assert "1.00x" in table and "x torch's img/s" in table
+def test_gpu_levers_takes_other_variants_with_config_fields_and_batches(tmp_path):
+    # GPU_LEVERS_VARIANTS: set:FIELD=VALUE goes to gpu_check as --set, batch:N as --batch, KIND=NAME as --impl.
+    variants = "trainer batch:8;norm=fused set:grad_norm_reduction=concat"
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_LEVERS_LIMIT_S": "300", "GPU_LEVERS_VARIANTS": variants}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_levers.sh"), "--preset", "tiny", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = json.loads((tmp_path / "levers-trainer_batch_8.json").read_text())["results"]
+    second = json.loads((tmp_path / "levers-norm_fused_set_grad_norm_reduction_concat.json").read_text())["results"]
+    assert first["jax-step:bf16"]["batch"] == 8 and first["torch-step"]["batch"] == 8
+    assert second["jax-step:bf16"]["batch"] == 16  # the tiny preset's
+    assert second["jax-step:bf16"]["implementations"] == {"norm": "fused"}
+    assert "grad_norm_reduction='concat'" in proc.stdout and set(second) == {"jax-step:bf16"}
+    table = proc.stdout[proc.stdout.index("== levers") :]
+    assert "\ntrainer batch:8 " in table and "\nnorm=fused set:grad_norm_reduction=concat" in table, table
+
+
