@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU levers prepared on a CPU, measured against the trainer's step on one machine in one call (at most 9
-# minutes: the limits below; on one H200 the last three variants took 60-90 s each): the bf16 step as the trainer runs it, then with `--impl norm=fused` (GroupNorm + SiLU with a
-# hand-written backward pass), `--impl upsample=phases` (Upsample2D as four 2x2 convolutions) and both; torch's
-# step once. Every run goes through gpu_check.sh, so they share one JAX compilation cache and XLA's autotuning
-# results, and the state's init program and the unchanged convolutions compile once.
+# minutes: the limits below; on one H200 the last three variants took 60-90 s each): the bf16 step as the trainer
+# runs it, then with `--impl norm=fused` (GroupNorm + SiLU with a hand-written backward pass), `--impl
+# upsample=phases` (Upsample2D as four 2x2 convolutions) and both; torch's step once. Every run goes through
+# gpu_check.sh, so they share one JAX compilation cache and XLA's autotuning results, and the state's init program
+# and the unchanged convolutions compile once.
 #
 # Here, once:        bash ../shared/gpu/fetch_wheels.sh portpicker array-record
 # On the GPU machine (the device run carries .whl):

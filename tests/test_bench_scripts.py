@@ -417,13 +417,14 @@ def test_start_bench_times_real_starts_and_a_new_key_served_by_jaxs_cache_is_kep
     assert "cpu_reuse_memory=false           again 1  ready in" in capsys.readouterr().out
 
 
-def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
-    # The one-call GPU script, at the tiny preset on a CPU: four runs of gpu_check.sh (the trainer's step, then
-    # each prepared lever and both), torch's step with the first, one JSON each, and a table comparing them.
+def _levers(tmp_path, args, variants=None):
+    """bench/gpu_levers.sh with `args` on this CPU, its JSON files in tmp_path."""
     env = {**os.environ, "OUT": str(tmp_path), "GPU_LEVERS_LIMIT_S": "300"}
     env.pop("XLA_FLAGS", None)
+    if variants is not None:
+        env["GPU_LEVERS_VARIANTS"] = variants
     proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "gpu_levers.sh"), "--preset", "tiny", "--batch", "16", "--steps", "1"],
+        ["bash", os.path.join(ROOT, "bench", "gpu_levers.sh"), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -431,6 +432,13 @@ def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, proc.stdout[proc.stdout.index("== levers") :]
+
+
+def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
+    # The one-call GPU script, at the tiny preset on a CPU: four runs of gpu_check.sh (the trainer's step, then
+    # each prepared lever and both), torch's step with the first, one JSON each, and a table comparing them.
+    _, table = _levers(tmp_path, ["--preset", "tiny", "--batch", "16", "--steps", "1"])
     names = ["trainer", "norm=fused", "upsample=phases", "norm=fused+upsample=phases"]
     # Named with letters, digits, '.', '_' and '-' only: the device tool brings no other file back from $OUT.
     files = {name: tmp_path / f"levers-{name.replace('=', '_').replace('+', '_')}.json" for name in names}
@@ -441,31 +449,19 @@ def test_gpu_levers_measures_each_variant_through_gpu_check(tmp_path):
     assert results["norm=fused"]["jax-step:bf16"]["implementations"] == {"norm": "fused"}
     both = results["norm=fused+upsample=phases"]["jax-step:bf16"]["implementations"]
     assert both == {"norm": "fused", "upsample": "phases"}
-    table = proc.stdout[proc.stdout.index("== levers") :]
     for name in ["trainer", "norm=fused ", "upsample=phases", "norm=fused upsample=phases", "torch "]:
         assert f"\n{name}" in table, table
     assert "1.00x" in table and "x torch's img/s" in table
+
+
 def test_gpu_levers_takes_other_variants_with_config_fields_and_batches(tmp_path):
     # GPU_LEVERS_VARIANTS: set:FIELD=VALUE goes to gpu_check as --set, batch:N as --batch, KIND=NAME as --impl.
     variants = "trainer batch:8;norm=fused set:grad_norm_reduction=concat"
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_LEVERS_LIMIT_S": "300", "GPU_LEVERS_VARIANTS": variants}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "gpu_levers.sh"), "--preset", "tiny", "--steps", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    stdout, table = _levers(tmp_path, ["--preset", "tiny", "--steps", "1"], variants)
     first = json.loads((tmp_path / "levers-trainer_batch_8.json").read_text())["results"]
     second = json.loads((tmp_path / "levers-norm_fused_set_grad_norm_reduction_concat.json").read_text())["results"]
     assert first["jax-step:bf16"]["batch"] == 8 and first["torch-step"]["batch"] == 8
     assert second["jax-step:bf16"]["batch"] == 16  # the tiny preset's
     assert second["jax-step:bf16"]["implementations"] == {"norm": "fused"}
-    assert "grad_norm_reduction='concat'" in proc.stdout and set(second) == {"jax-step:bf16"}
-    table = proc.stdout[proc.stdout.index("== levers") :]
+    assert "grad_norm_reduction='concat'" in stdout and set(second) == {"jax-step:bf16"}
     assert "\ntrainer batch:8 " in table and "\nnorm=fused set:grad_norm_reduction=concat" in table, table
-
-
