@@ -515,10 +515,11 @@ def _profile_line(profile: dict[str, Any], top: int = 6) -> str:
 def section_jax_step(args: argparse.Namespace) -> dict[str, Any]:
     sizes = PRESETS[args.preset]
     config = bench_config(args.preset, args.precision, args.batch, overrides=args.set)
-    config.gradient_checkpointing = args.gradient_checkpointing
+    # The flag turns remat on; so does `--set gradient_checkpointing=True` (the flag's default must not undo it).
+    config.gradient_checkpointing = bool(args.gradient_checkpointing or config.get("gradient_checkpointing", False))
     _say(
         f"  {sizes['model']} UNet, {config.resolution} px, precision {args.precision}"
-        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + (", gradient checkpointing" if config.gradient_checkpointing else "")
         + "".join(f", {field}={value!r}" for field, value in args.set)
         + (f", {args.steps_per_call} steps per call" if args.steps_per_call > 1 else "")
     )
@@ -861,6 +862,9 @@ def drive(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dict[str, Any]]:
     started = time.perf_counter()
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
+    if out:  # its folder made before any section runs, so that minutes of measurements are not lost at the end
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     signal.signal(signal.SIGTERM, _raise_stopped)
     stopped = False
@@ -911,7 +915,6 @@ def _drive(args: argparse.Namespace, cache_env: dict[str, str]) -> dict[str, dic
     _say(f"\n== summary (preset {preset})")
     for line in summarize(results):
         _say(line)
-    out = args.out or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:
             json.dump({"preset": preset, "results": results}, f, indent=2)

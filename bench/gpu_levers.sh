@@ -23,6 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
 cache="$(mktemp -d)"
 limit="${GPU_LEVERS_LIMIT_S:-110}"
 first_limit="${GPU_LEVERS_FIRST_LIMIT_S:-200}"
@@ -51,20 +52,21 @@ import json, os, re, sys
 out, variants = sys.argv[1], sys.argv[2:]
 print("\n== levers (bf16 train step; ratio: the variant's img/s over the first's)")
 base = None
+width = max(28, *(len(v) for v in variants))
 for variant in variants:
     path = os.path.join(out, re.sub(r"[^A-Za-z0-9._-]", "_", "levers-" + variant.replace(" ", "+")) + ".json")
     results = json.load(open(path))["results"] if os.path.exists(path) else {}
     step = results.get("jax-step:bf16", {})
     torch = results.get("torch-step", {})
     if "step_s" not in step:
-        print(f"{variant:28s} no result ({step.get('error', 'missing')})")
+        print(f"{variant:{width}s} no result ({step.get('error', 'missing')})")
         continue
     base = base or step["img_per_s"]
     mfu = f"{step['mfu']:.1%}" if step.get("mfu") is not None else "n/a"
-    print(f"{variant:28s} {step['step_s'] * 1e3:8.1f} ms/step {step['img_per_s']:9.1f} img/s  MFU {mfu:>6}  "
+    print(f"{variant:{width}s} {step['step_s'] * 1e3:8.1f} ms/step {step['img_per_s']:9.1f} img/s  MFU {mfu:>6}  "
           f"{step['img_per_s'] / base:.2f}x")
     if "step_s" in torch:
-        print(f"{'torch':28s} {torch['step_s'] * 1e3:8.1f} ms/step {torch['img_per_s']:9.1f} img/s  "
+        print(f"{'torch':{width}s} {torch['step_s'] * 1e3:8.1f} ms/step {torch['img_per_s']:9.1f} img/s  "
               f"(the trainer's step: {step['img_per_s'] / torch['img_per_s']:.2f}x torch's img/s)")
 print(f"results in {out}")
 PY

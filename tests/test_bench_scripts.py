@@ -225,6 +225,20 @@ def test_auto_preset_runs_env_even_when_not_asked_and_takes_its_backends_preset(
     assert set(calls) == {"jax-step"}
 
 
+def test_driver_makes_the_folder_of_its_results_before_measuring(tmp_path, monkeypatch):
+    # A --out in a folder that does not exist yet once lost a whole run's results at the last line.
+    folders = []
+
+    def record(name, argv, *_):
+        folders.append(out.parent.is_dir())
+        return {"section": name, "error": "recorded, not run"}
+
+    out = tmp_path / "new" / "deeper" / "results.json"
+    monkeypatch.setattr(gpu_check, "run_section", record)
+    gpu_check.main(["--sections", "env,attention", "--preset", "tiny", "--out", str(out)])
+    assert folders == [True, True] and set(json.loads(out.read_text())["results"]) == {"env", "attention"}
+
+
 def test_env_cut_short_in_its_slow_imports_still_gives_the_preset(tmp_path):
     # A fresh GPU machine took longer than env's limit importing torch and diffusers. Here a torch that takes a
     # minute to import: the section is killed, and the preset it reported before those imports is kept.
@@ -233,6 +247,17 @@ def test_env_cut_short_in_its_slow_imports_still_gives_the_preset(tmp_path):
     result = gpu_check.run_section("env", [], 12.0, env={"PYTHONPATH": path})
     assert result["error"] == "timed out" and result["preset"] == "small" and result["backend"] == "cpu"
     assert "torch" not in result
+
+
+def test_gradient_checkpointing_from_the_flag_or_from_set(monkeypatch):
+    # `--set gradient_checkpointing=True` (gpu_levers.sh's set:gradient_checkpointing=True) once measured the step
+    # without remat: the flag's default overwrote the field after --set had set it.
+    seen = []
+    monkeypatch.setattr(gpu_check, "jax_step", lambda config, *a, **k: seen.append(config.gradient_checkpointing) or {})
+    argv = ["--section", "jax-step", "--preset", "tiny", "--precision", "no", "--batch", "16", "--steps", "1"]
+    for extra in ([], ["--gradient-checkpointing"], ["--set", "gradient_checkpointing=True"]):
+        gpu_check.main([*argv, *extra])
+    assert seen == [False, True, True]
 
 
 def test_impl_builds_the_jax_step_with_those_layers_and_leaves_torch_alone(monkeypatch, capsys):
