@@ -13,19 +13,34 @@
 # keeps XLA's autotuning results in one folder for all the sections and later runs on the machine
 # (--xla_gpu_per_fusion_autotune_cache_dir): on one H100 the four-steps-per-call program compiled in 44 s after
 # the one-step program's 76 s had filled it (2026-11-27).
+# GPU_CHECK_WHEELS (default .whl) and GPU_CHECK_SITE (default .site) name the wheels' folder and the folder they
+# install to; the same set of wheels is installed once per machine, not on every run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+wheels="${GPU_CHECK_WHEELS:-.whl}"
+site="${GPU_CHECK_SITE:-.site}"
+if compgen -G "$wheels/*.whl" > /dev/null; then
   # The wheels are for the device's Python (3.12); where they do not install, go on with what is installed:
-  # each section reports what it misses.
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl; then
-    export PYTHONPATH="$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # each section reports what it misses. Installed once per machine: the same wheels found installed by an
+  # earlier run (gpu_levers.sh runs this script per variant) are not installed again, since pip would print a
+  # warning for every existing folder and fill the device tool's output tail with them.
+  listed="$(cd "$wheels" && ls -- *.whl | sort)"
+  if [ "$(cat "$site/.installed-wheels" 2>/dev/null)" = "$listed" ]; then
+    echo "gpu_check.sh: $wheels/*.whl already installed in $site"
+  elif python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$wheels"/*.whl; then
+    printf '%s\n' "$listed" > "$site/.installed-wheels"
   else
-    echo "gpu_check.sh: installing .whl/*.whl failed; using what is installed" >&2
+    echo "gpu_check.sh: installing $wheels/*.whl failed; using what is installed" >&2
+    site=""
+  fi
+  if [ -n "$site" ]; then
+    export PYTHONPATH="$(cd "$site" && pwd):$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
-  echo "gpu_check.sh: no .whl/ here (run bash ../shared/gpu/fetch_wheels.sh portpicker array-record and carry .whl); using what is installed"
+  echo "gpu_check.sh: no $wheels/ here (run bash ../shared/gpu/fetch_wheels.sh portpicker array-record and carry .whl); using what is installed"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 autotune="${GPU_CHECK_AUTOTUNE_DIR:-${TMPDIR:-/tmp}/gpu_check_autotune}"

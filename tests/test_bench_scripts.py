@@ -442,6 +442,56 @@ def test_start_bench_times_real_starts_and_a_new_key_served_by_jaxs_cache_is_kep
     assert "cpu_reuse_memory=false           again 1  ready in" in capsys.readouterr().out
 
 
+def _wheel(folder, name, version="1.0"):
+    """A pure-Python wheel of one module `name` (VERSION = version), written offline into `folder`."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
+
+
+def test_gpu_check_sh_installs_the_carried_wheels_once_per_machine(tmp_path):
+    # gpu_levers.sh runs gpu_check.sh once per variant; a second pip install into the same folder printed a
+    # warning per package and filled the device tool's output tail. Installed wheels are now left alone, a new
+    # set is installed, and what is installed is on the sections' path.
+    wheels, site = tmp_path / "whl", tmp_path / "site"
+    _wheel(wheels, "gpucheckprobe")
+    env = {**os.environ, "GPU_CHECK_WHEELS": str(wheels), "GPU_CHECK_SITE": str(site), "GPU_CHECK_LIMIT_S": "120"}
+    probe = "import gpucheckprobe; print('probe', gpucheckprobe.VERSION, gpucheckprobe.__file__)"
+
+    # The script as it is but for its last line, which runs gpu_check.py: here a probe of the path it exports.
+    text = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
+    last = next(line for line in text.splitlines() if line.startswith("exec timeout"))
+    copy = tmp_path / "repo" / "bench" / "gpu_check.sh"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(text.replace(last, f'exec python3 -c "{probe}"'))
+
+    def run():
+        proc = subprocess.run(["bash", str(copy)], capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    first = run()
+    assert f"probe 1.0 {site}" in first and "already installed" not in first
+    installed = (site / "gpucheckprobe.py").stat().st_mtime_ns
+    second = run()
+    assert "already installed" in second and "WARNING" not in second and f"probe 1.0 {site}" in second
+    assert (site / "gpucheckprobe.py").stat().st_mtime_ns == installed
+    (wheels / "gpucheckprobe-1.0-py3-none-any.whl").unlink()
+    _wheel(wheels, "gpucheckprobe", "2.0")
+    third = run()
+    assert "already installed" not in third and f"probe 2.0 {site}" in third
+
+
 def _levers(tmp_path, args, variants=None):
     """bench/gpu_levers.sh with `args` on this CPU, its JSON files in tmp_path."""
     env = {**os.environ, "OUT": str(tmp_path), "GPU_LEVERS_LIMIT_S": "300"}
