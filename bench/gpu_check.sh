@@ -19,6 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels="${GPU_CHECK_WHEELS:-.whl}"
 site="${GPU_CHECK_SITE:-.site}"
+path="$PWD"  # the sections' import path ahead of PYTHONPATH: the project, and the installed wheels first
 if compgen -G "$wheels/*.whl" > /dev/null; then
   # The wheels are for the device's Python (3.12); where they do not install, go on with what is installed:
   # each section reports what it misses. Installed once per machine: the same wheels found installed by an
@@ -27,22 +28,18 @@ if compgen -G "$wheels/*.whl" > /dev/null; then
   listed="$(cd "$wheels" && ls -- *.whl | sort)"
   if [ "$(cat "$site/.installed-wheels" 2>/dev/null)" = "$listed" ]; then
     echo "gpu_check.sh: $wheels/*.whl already installed in $site"
+    path="$(cd "$site" && pwd):$path"
   elif python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "$wheels"/*.whl; then
     printf '%s\n' "$listed" > "$site/.installed-wheels"
+    path="$(cd "$site" && pwd):$path"
   else
     echo "gpu_check.sh: installing $wheels/*.whl failed; using what is installed" >&2
-    site=""
-  fi
-  if [ -n "$site" ]; then
-    export PYTHONPATH="$(cd "$site" && pwd):$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
   echo "gpu_check.sh: no $wheels/ here (run bash ../shared/gpu/fetch_wheels.sh portpicker array-record and carry .whl); using what is installed"
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}"
 autotune="${GPU_CHECK_AUTOTUNE_DIR:-${TMPDIR:-/tmp}/gpu_check_autotune}"
 export XLA_FLAGS="${XLA_FLAGS---xla_gpu_enable_triton_gemm=false --xla_gpu_per_fusion_autotune_cache_dir=$autotune}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true

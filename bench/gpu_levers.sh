@@ -28,33 +28,34 @@ cache="$(mktemp -d)"
 limit="${GPU_LEVERS_LIMIT_S:-110}"
 first_limit="${GPU_LEVERS_FIRST_LIMIT_S:-200}"
 IFS=';' read -r -a variants <<< "${GPU_LEVERS_VARIANTS:-trainer;norm=fused;upsample=phases;norm=fused upsample=phases}"
-file_name() { local name="levers-${1// /+}"; echo "${name//[^A-Za-z0-9._-]/_}"; }
+runs=()  # "variant<TAB>its JSON file", for the table
 for variant in "${variants[@]}"; do
-  impls=()
+  extra=()
   sections=jax-step:bf16
   for word in $variant; do
     case "$word" in
       trainer) sections=jax-step:bf16,torch-step ;;
-      set:*) impls+=(--set "${word#set:}") ;;
-      batch:*) impls+=(--batch "${word#batch:}") ;;
-      *) impls+=(--impl "$word") ;;
+      set:*) extra+=(--set "${word#set:}") ;;
+      batch:*) extra+=(--batch "${word#batch:}") ;;
+      *) extra+=(--impl "$word") ;;
     esac
   done
-  name="$(file_name "$variant")"
+  name="levers-${variant// /+}"
+  file="$out/${name//[^A-Za-z0-9._-]/_}.json"
+  runs+=("$variant"$'\t'"$file")
   echo "=== $variant"
   GPU_CHECK_LIMIT_S=$((first_limit + 60)) bash bench/gpu_check.sh --sections "$sections" --cache-dir "$cache" \
-    --total-limit "$first_limit" --out "$out/$name.json" ${impls[@]+"${impls[@]}"} "$@"
+    --total-limit "$first_limit" --out "$file" ${extra[@]+"${extra[@]}"} "$@"
   first_limit=$limit
 done
-python3 - "$out" "${variants[@]}" <<'PY'
-import json, os, re, sys
+python3 - "$out" "${runs[@]}" <<'PY'
+import json, os, sys
 
-out, variants = sys.argv[1], sys.argv[2:]
+out, runs = sys.argv[1], [run.split("\t") for run in sys.argv[2:]]
 print("\n== levers (bf16 train step; ratio: the variant's img/s over the first's)")
 base = None
-width = max(28, *(len(v) for v in variants))
-for variant in variants:
-    path = os.path.join(out, re.sub(r"[^A-Za-z0-9._-]", "_", "levers-" + variant.replace(" ", "+")) + ".json")
+width = max(28, *(len(variant) for variant, _ in runs))
+for variant, path in runs:
     results = json.load(open(path))["results"] if os.path.exists(path) else {}
     step = results.get("jax-step:bf16", {})
     torch = results.get("torch-step", {})
