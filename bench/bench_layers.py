@@ -9,7 +9,9 @@ Layers: 3x3 convolution (as the train step runs it, the op, the op without YNNPA
 the stride-2 downsampling convolution, GroupNorm + SiLU, and the attention block (all heads at once through
 jax.nn.dot_product_attention, one head at a time, and blockwise with its own backward pass). For each, ours is
 `jax.jit(jax.grad(sum(layer(x) * probe)))` over input and weights; theirs the same with torch.nn (oneDNN). The
-variants alternate call by call, so a busy machine slows all alike: read the ratios (our time / torch's).
+variants take turns, so a busy machine slows all alike: read the ratios (our time / torch's). A turn is `--block`
+timed calls after 50 ms of untimed ones (`bench_train_step.interleaved_times`): torch's OpenMP threads still spin
+after its calls and slowed the next few calls by milliseconds.
 `--clock cpu` counts this process's CPU time instead of wall time: pinned to one core, it is what a quiet core
 would take, which wall time on an oversubscribed machine is not (torch's OpenMP threads wait for each other
 there). Not a test.
@@ -18,16 +20,16 @@ there). Not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_train_step import CLOCKS, _set_isa
+from bench_train_step import CLOCKS, _set_isa, interleaved_times
 
 # The dot-only YNNPACK setting: XLA's own (Eigen) convolution, YNNPACK matmuls.
 NO_YNN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -39,12 +41,10 @@ SHAPES = {
 }
 
 
-def _timed(fn, *args, clock=time.perf_counter) -> float:
+def _run(fn, *args) -> None:
     import jax
 
-    start = clock()
     jax.block_until_ready(fn(*args))
-    return clock() - start
 
 
 def _jax_grad(layer_fn, x, params, compiler_options=None):
@@ -187,7 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", choices=list(SHAPES))
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant (median reported)")
+    parser.add_argument(
+        "--block", type=int, default=5, help="timed calls per turn, after 50 ms of untimed calls (default %(default)s)"
+    )
     parser.add_argument("--only", default=None, help="run only cases whose name starts with this")
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time")
@@ -212,13 +215,10 @@ def main() -> None:
         if args.only and not kind.startswith(args.only):
             continue
         for name, case in build().items():
-            runs = case["runs"]
-            for fn, *fn_args in runs.values():
-                fn(*fn_args)  # warm-up
-            times = {variant: [] for variant in runs}
-            for _ in range(args.repeats):
-                for variant, (fn, *fn_args) in runs.items():
-                    times[variant].append(_timed(fn, *fn_args, clock=CLOCKS[args.clock]))
+            runs = {variant: functools.partial(_run, fn, *fn_args) for variant, (fn, *fn_args) in case["runs"].items()}
+            for run in runs.values():
+                run()  # warm-up
+            times = interleaved_times(runs, args.repeats, CLOCKS[args.clock], args.block)
             median = {variant: statistics.median(t) for variant, t in times.items()}
             cells = []
             for variant, m in median.items():

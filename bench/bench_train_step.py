@@ -21,7 +21,8 @@
 Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + global-norm clipping, the
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
-step. The sides alternate step by step, so a busy machine slows all alike; read the ratios. Each `--jax` adds a
+step. The sides take turns (`--block` timed steps each, after one untimed step: `interleaved_times`), so a busy
+machine slows all alike; read the ratios. Each `--jax` adds a
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` / `upsample=`
 (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
@@ -39,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,6 +48,43 @@ sys.path.insert(0, ROOT)
 # Wall time, or this process's CPU time (all its threads): pinned to one core (`taskset -c 0`), the latter is
 # what a quiet core would take, which wall time on an oversubscribed machine is not.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+# How the sides take turns (`interleaved_times`): `--block` timed calls per turn, after untimed calls for at least
+# SETTLE_S seconds. Right after another library's calls, the cores are still shared with that library's threads
+# spinning: after torch's calls, our 3x3 convolution at 16 px x 64 channels (batch 16, forward + backward, both cores
+# of a 2-vCPU AMD EPYC) took 3.2-3.4 ms for a few calls, 1.9 ms once settled, and torch's own ~2.5 ms took 3-7 ms
+# after ours (bench/bench_layers.py --only conv, turns of 1 call against 20). A train step (~0.1 s) settles them in
+# its one untimed call.
+BLOCK = 3
+SETTLE_S = 0.05
+
+
+def interleaved_times(
+    runs: dict[str, Callable[[], object]],
+    calls: int,
+    clock: Callable[[], float] = time.perf_counter,
+    block: int = BLOCK,
+    settle_s: float = SETTLE_S,
+) -> dict[str, list[float]]:
+    """Seconds of `calls` timed calls of each run. The runs take turns, so a busy machine slows all alike; a turn
+    is untimed calls for at least `settle_s` seconds of wall time (one at least: the previous run's threads may
+    still be spinning), then up to `block` timed calls."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    while any(len(t) < calls for t in times.values()):
+        for name, run in runs.items():
+            count = min(block, calls - len(times[name]))
+            if count < 1:
+                continue
+            start = time.perf_counter()
+            run()
+            while time.perf_counter() - start < settle_s:
+                run()
+            for _ in range(count):
+                start = clock()
+                run()
+                times[name].append(clock() - start)
+    return times
+
 
 # block_out_channels, layers_per_block, block types and resolution of each benchmarked UNet.
 MODELS = {
@@ -148,6 +187,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's (32 small, 64 default)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported), >= 1")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=BLOCK,
+        help="timed steps per turn, after one untimed step or more (default %(default)s)",
+    )
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
     parser.add_argument("--jax", action="append", help="a variant of our side, KEY=VALUE;... (repeatable)")
     parser.add_argument("--no-torch", action="store_true", help="time only our side")
@@ -162,8 +207,8 @@ def main() -> None:
         help="reuse: as the trainer runs (cpu_reuse_memory: steps inline, freed memory kept); default: JAX's defaults",
     )
     args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.accumulation_steps) < 1:
-        parser.error("--steps, --batch-size and --accumulation-steps must be >= 1")
+    if min(args.steps, args.batch_size, args.accumulation_steps, args.block) < 1:
+        parser.error("--steps, --batch-size, --accumulation-steps and --block must be >= 1")
     _set_isa(args.isa)
     if args.cpu_memory == "reuse":  # the trainer's setting (cpu_reuse_memory), process-wide: torch's side too
         from uncond_flax.cpu_runtime import reuse_cpu_memory
@@ -186,13 +231,7 @@ def main() -> None:
         runs["torch"], n_params = torch_side(config, args.batch_size)
     for run in runs.values():  # warm-up: torch's first step allocates, ours may still settle
         run()
-    times = {name: [] for name in runs}
-    clock = CLOCKS[args.clock]
-    for _ in range(args.steps):  # interleaved
-        for name, run in runs.items():
-            start = clock()
-            run()
-            times[name].append(clock() - start)
+    times = interleaved_times(runs, args.steps, CLOCKS[args.clock], args.block)
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(
@@ -210,7 +249,10 @@ def main() -> None:
         images = args.batch_size * args.accumulation_steps
         print(f"{name:{width}s}: {m:7.3f} s/step {images / m:7.2f} img/s ({spread}){vs_torch}")
     if "torch" in runs:
-        print(f"params: {n_params / 1e6:.1f} M; median of {args.steps} interleaved steps after one warm-up step")
+        print(
+            f"params: {n_params / 1e6:.1f} M; median of {args.steps} steps after one warm-up step, the sides "
+            f"taking turns of one untimed and {args.block} timed steps"
+        )
 
 
 if __name__ == "__main__":

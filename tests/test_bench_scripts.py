@@ -540,3 +540,41 @@ def test_gpu_levers_takes_other_variants_with_config_fields_and_batches(tmp_path
     assert second["jax-step:bf16"]["implementations"] == {"norm": "fused"}
     assert "grad_norm_reduction='concat'" in stdout and set(second) == {"jax-step:bf16"}
     assert "\ntrainer batch:8 " in table and "\nnorm=fused set:grad_norm_reduction=concat" in table, table
+
+
+def test_interleaved_times_drop_each_turns_first_call_after_another_run():
+    import bench_train_step
+
+    log, now = [], [0.0]
+
+    def run(name):
+        def call():
+            # A call right after another run's pays for that run's threads still spinning (10 units), else 1.
+            now[0] += 10.0 if log and log[-1] != name else 1.0
+            log.append(name)
+
+        return call
+
+    times = bench_train_step.interleaved_times(
+        {"a": run("a"), "b": run("b")}, calls=7, clock=lambda: now[0], block=3, settle_s=0.0
+    )
+    assert times == {"a": [1.0] * 7, "b": [1.0] * 7}
+    # Turns of one untimed call and up to 3 timed ones: 3 + 3 + 1 timed calls each.
+    assert "".join(log) == "aaaabbbbaaaabbbbaabb"
+
+
+def test_interleaved_times_settle_for_the_given_wall_time_before_timing():
+    import time
+
+    import bench_train_step
+
+    starts = []
+
+    def call():
+        starts.append(time.perf_counter())
+        time.sleep(0.002)
+
+    times = bench_train_step.interleaved_times({"a": call}, calls=2, block=2, settle_s=0.03)
+    assert len(times["a"]) == 2
+    untimed = starts[:-2]
+    assert len(untimed) >= 2 and starts[-2] - starts[0] >= 0.03  # timing began only after 30 ms of calls
