@@ -417,6 +417,30 @@ def test_sampling_bench_runs_both_samplers_on_both_sides(tiny_pipeline, capsys):
     assert "DDPM-3: ours" in out and "DDIM-2: ours" in out and out.count("x faster") == 2
 
 
+
+def test_sampling_bench_times_medians_in_turns_after_an_untimed_call(monkeypatch):
+    import bench_sampling
+
+    now, log = [0.0], []
+    costs = {"ours": iter([10.0, 3.0, 1.0, 2.0]), "theirs": iter([7.0, 5.0, 6.0, 4.0])}  # first: compile, warm-up
+
+    def side(name):
+        def build(*args):
+            def call():
+                log.append(name)
+                now[0] += next(costs[name])
+
+            return call
+
+        return build
+
+    monkeypatch.setattr(bench_sampling, "ours", side("ours"))
+    monkeypatch.setattr(bench_sampling, "theirs", side("theirs"))
+    compile_s, ours_s, theirs_s = bench_sampling.time_both("dir", "ddpm", 2, 3, 0, lambda: now[0], runs=3)
+    assert (ours_s, theirs_s) == (2.0, 5.0)  # medians of the timed calls only
+    assert compile_s == 8.0  # the untimed first call less a timed one
+    assert log == ["ours", "theirs"] * 4
+
 # --------------------------------------------------------------------------------------------------------------
 # bench_start: launch to a ready train step, in real trainer processes
 
