@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_train_step import CLOCKS, _set_isa, interleaved_times
+from bench_train_step import CLOCKS, SETTLE_S, _set_isa, interleaved_times
 
 # The dot-only YNNPACK setting: XLA's own (Eigen) convolution, YNNPACK matmuls.
 NO_YNN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -189,7 +189,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant (median reported)")
     parser.add_argument(
-        "--block", type=int, default=5, help="timed calls per turn, after 50 ms of untimed calls (default %(default)s)"
+        "--block",
+        type=int,
+        default=5,
+        help=f"timed calls per turn, after {SETTLE_S * 1e3:.0f} ms of untimed calls (default %(default)s)",
     )
     parser.add_argument("--only", default=None, help="run only cases whose name starts with this")
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")

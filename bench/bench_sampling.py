@@ -94,8 +94,10 @@ def time_both(
     sides taking turns call by call after one untimed call each: ours compiles in it (its time less a timed call's
     is printed as compile time); diffusers' is there so both sides are timed alike (on the 2-vCPU EPYC its first
     DDPM-1000 call was no slower than the next three)."""
-    sides = {"ours": ours(folder, scheduler_name, num_images, steps, seed)}
-    sides["theirs"] = theirs(folder, scheduler_name, num_images, steps, seed)
+    sides = {
+        "ours": ours(folder, scheduler_name, num_images, steps, seed),
+        "theirs": theirs(folder, scheduler_name, num_images, steps, seed),
+    }
     first = {}
     for name, call in sides.items():
         start = clock()

@@ -21,8 +21,8 @@
 Ours is the real jitted train step (`uncond_flax.step.make_train_step`: AdamW + global-norm clipping, the
 diffusion loss, donated state). Theirs is what train_unconditional.py does per step: `UNet2DModel`, noise and
 timesteps, `DDPMScheduler.add_noise`, MSE, `backward`, `clip_grad_norm_(1.0)`, `AdamW.step`, the LR scheduler
-step. The sides take turns (`--block` timed steps each, after one untimed step: `interleaved_times`), so a busy
-machine slows all alike; read the ratios. Each `--jax` adds a
+step. The sides take turns (`--block` timed steps each, after untimed ones for at least 50 ms: `interleaved_times`),
+so a busy machine slows all alike; read the ratios. Each `--jax` adds a
 variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear=` / `upsample=`
 (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
@@ -191,7 +191,8 @@ def main() -> None:
         "--block",
         type=int,
         default=BLOCK,
-        help="timed steps per turn, after one untimed step or more (default %(default)s)",
+        help=f"timed steps per turn, after untimed ones for {SETTLE_S * 1e3:.0f} ms, one at least (default "
+        "%(default)s)",
     )
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
     parser.add_argument("--jax", action="append", help="a variant of our side, KEY=VALUE;... (repeatable)")
@@ -251,7 +252,7 @@ def main() -> None:
     if "torch" in runs:
         print(
             f"params: {n_params / 1e6:.1f} M; median of {args.steps} steps after one warm-up step, the sides "
-            f"taking turns of one untimed and {args.block} timed steps"
+            f"taking turns of {args.block} timed steps after untimed ones for {SETTLE_S * 1e3:.0f} ms (one at least)"
         )
 
 
