@@ -417,7 +417,6 @@ def test_sampling_bench_runs_both_samplers_on_both_sides(tiny_pipeline, capsys):
     assert "DDPM-3: ours" in out and "DDIM-2: ours" in out and out.count("x faster") == 2
 
 
-
 def test_sampling_bench_times_medians_in_turns_after_an_untimed_call(monkeypatch):
     import bench_sampling
 
@@ -440,6 +439,7 @@ def test_sampling_bench_times_medians_in_turns_after_an_untimed_call(monkeypatch
     assert (ours_s, theirs_s) == (2.0, 5.0)  # medians of the timed calls only
     assert compile_s == 8.0  # the untimed first call less a timed one
     assert log == ["ours", "theirs"] * 4
+
 
 # --------------------------------------------------------------------------------------------------------------
 # bench_start: launch to a ready train step, in real trainer processes
