@@ -9,6 +9,7 @@
     python bench/bench_train_step.py --jax "" --jax "norm=grouped"    # GroupNorm: per-channel sums vs flax's
     python bench/bench_train_step.py --jax "attention_block_logits=65536" --jax ""   # one pair per loop step vs 16
     python bench/bench_train_step.py --jax "attention_chains=1" --jax ""   # one chain of products per loop step vs 4
+    python bench/bench_train_step.py --model digits --batch-size 64 --jax "attention_min_chain_logits=1" --jax ""
     python bench/bench_train_step.py --jax "group_means=reshape" --jax ""   # GroupNorm's group means: repeat vs dot
     python bench/bench_train_step.py --jax "upsample=nearest_conv" --jax ""   # Upsample2D: as diffusers vs phases
     python bench/bench_train_step.py --accumulation-steps 4 --batch-size 4 --jax "" --jax "accumulation_loop=scan"
@@ -27,7 +28,8 @@ variant of our side, `KEY=VALUE;...`: `conv=` / `attention=` / `norm=` / `linear
 (models.layers.implementations),
 a top-level config field (`accumulation_loop=`, `grad_norm_reduction=`), `attention_block_logits=` (the blockwise
 attention's logits per loop step, models.attention.BLOCK_LOGITS), `attention_chains=` (its independent chains per
-loop step, models.attention.CHAINS), `group_means=` (dot / reshape:
+loop step, models.attention.CHAINS), `attention_min_chain_logits=` (the fewest logits a chain gets, 1: any,
+models.attention.MIN_CHAIN_LOGITS), `group_means=` (dot / reshape:
 models.layers.GROUP_MEANS), any other key an XLA compiler option for that
 variant's step alone.
 No `--jax`: one variant, as the trainer runs. Not a test.
@@ -139,6 +141,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
     settings = {
         "attention_block_logits": (attention, "BLOCK_LOGITS", int),
         "attention_chains": (attention, "CHAINS", int),
+        "attention_min_chain_logits": (attention, "MIN_CHAIN_LOGITS", int),
         "group_means": (layers, "GROUP_MEANS", str),
     }
     chosen = {key: parse(options.pop(key)) for key, (_, _, parse) in settings.items() if key in options}

@@ -73,9 +73,17 @@ def test_blockwise_groups_pairs_to_fit_the_block_and_divide_the_pairs(monkeypatc
 
 
 def test_blockwise_splits_each_loop_step_into_independent_chains(monkeypatch):
-    assert [attention._chain_count(p) for p in (16, 9, 6, 35, 1, 2)] == [4, 3, 3, 1, 1, 2]
+    # At 256 tokens a pair holds 64 Ki logits: every pair could be a chain, CHAINS bounds them.
+    assert [attention._chain_count(p, 256) for p in (16, 9, 6, 35, 1, 2)] == [4, 3, 3, 1, 1, 2]
+    # Fewer logits: no chain under MIN_CHAIN_LOGITS (64 Ki). 16 pairs x 128 tokens = 4 chains of 64 Ki; 8 pairs,
+    # 2; the digits UNet's 4 px attention (16 tokens, 4 heads) at batch 16, 64 pairs of 256 logits: one chain; at
+    # batch 1,024, 4,096 pairs: 4.
+    assert [attention._chain_count(p, 128) for p in (16, 8, 12, 4)] == [4, 2, 3, 1]
+    assert [attention._chain_count(p, 16) for p in (64, 256, 512, 4096)] == [1, 1, 2, 4]
     monkeypatch.setattr(attention, "CHAINS", 2)
-    assert attention._chain_count(16) == 2
+    assert attention._chain_count(16, 256) == 2
+    monkeypatch.setattr(attention, "MIN_CHAIN_LOGITS", 1 << 20)
+    assert attention._chain_count(16, 256) == 1
     monkeypatch.undo()
 
     # The small UNet's 16 px attention: 128 pairs, 16 per loop step, so each step is 4 chains of 4 pairs. Their
@@ -98,6 +106,15 @@ def test_blockwise_splits_each_loop_step_into_independent_chains(monkeypatch):
         products = logits_products(body)
         assert {eqn.outvars[0].aval.shape[0] for eqn in products} == {4}
         assert len(products) == 4 * (1 if body is bodies[0] else 2)  # backward: logits and dprobs per chain
+
+    # The digits UNet's sampler: 16 images x 4 heads at 16 tokens, all 64 pairs in one loop step and one chain.
+    q, k, v, probe = _qkv_and_probe(16, 16, 4, 16)
+    jaxpr = jax.make_jaxpr(lambda *a: _out_and_grads(lambda q, k, v: attention_blockwise(q, k, v, 0.25), *a))(
+        q, k, v, probe
+    )
+    forward = next(eqn.params["jaxpr"].jaxpr for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan")
+    products = [eqn.outvars[0].aval.shape for eqn in forward.eqns if eqn.primitive.name == "dot_general"]
+    assert products == [(64, 16, 16), (64, 16, 16)]  # the logits, the output
 
 
 def test_blockwise_computes_in_float32_for_bfloat16_inputs():

@@ -66,17 +66,25 @@ def _blockwise_core(q_GCTH: jax.Array, kT_GCHS: jax.Array, v_GCSH: jax.Array) ->
 # chain (torch 0.166-0.170: 0.61x against 0.66-0.67x); AVX2 0.114 against 0.128; one pinned core 0.178 against
 # 0.179; the digits and default UNets unchanged (bench/bench_train_step.py --jax "attention_chains=1" --jax "").
 CHAINS = 4
+# The fewest logits a chain gets: a split only where each chain's ops are long enough to run apart. At 16 tokens (the
+# digits UNet's 4 px attention) a chain of 16 pairs holds 4 Ki logits and its ops take 2-8 us, mostly YNNPACK's and
+# the executor's cost per op: the digits UNet's forward pass at batch 16, what its sampler runs, took 2.32 against
+# 2.48 ms with one chain instead of four (three runs: 5-8 %). Its train step (batch 64: one loop step of 64 Ki
+# logits) and the default UNet's at batch 4 ran alike; the small UNet's (256 Ki per chain) keeps its four
+# (a `/tmp` script; bench/bench_train_step.py --jax "attention_min_chain_logits=1" --jax ""; README).
+MIN_CHAIN_LOGITS = 1 << 16
 
 
-def _chain_count(pairs: int) -> int:
-    """The largest divisor of `pairs` up to CHAINS."""
-    return _largest_divisor(pairs, CHAINS)
+def _chain_count(pairs: int, tokens: int) -> int:
+    """The largest divisor of `pairs` up to CHAINS whose chains hold at least MIN_CHAIN_LOGITS logits each (at
+    least 1)."""
+    return _largest_divisor(pairs, min(CHAINS, pairs * tokens * tokens // MIN_CHAIN_LOGITS))
 
 
 def _in_chains(block: Callable[..., tuple], arrays: tuple) -> tuple:
     """`block` applied to `_chain_count` equal slices of the pair axis (the leading one), outputs concatenated."""
-    pairs = arrays[0].shape[0]
-    n = _chain_count(pairs)
+    pairs, tokens = arrays[0].shape[:2]
+    n = _chain_count(pairs, tokens)
     size = pairs // n
     outs = [block(*(a[i * size : (i + 1) * size] for a in arrays)) for i in range(n)]
     return tuple(jnp.concatenate(parts, axis=0) if n > 1 else parts[0] for parts in zip(*outs))
