@@ -195,7 +195,9 @@ def main() -> None:
         help=f"timed calls per turn, after {SETTLE_S * 1e3:.0f} ms of untimed calls (default %(default)s)",
     )
     parser.add_argument("--only", default=None, help="run only cases whose name starts with this")
-    parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
+    parser.add_argument(
+        "--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2 (AVX2_ENVIRONMENT)"
+    )
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time")
     args = parser.parse_args()
     _set_isa(args.isa)

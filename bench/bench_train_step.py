@@ -104,11 +104,23 @@ MODELS = {
 }
 
 
+# What `--isa avx2` sets: XLA's generated code, torch's own kernels (ATen), and the oneDNN in both. XLA's
+# convolutions are Eigen's, whose matrix products call oneDNN's JIT-generated sgemm: `--xla_cpu_max_isa` leaves those
+# at AVX-512 (the small UNet's 3x3 convolution at 32 px x 32 channels, forward + backward, one core of an AMD EPYC:
+# 209 GFLOP/s with it, 131 with ONEDNN_MAX_CPU_ISA=AVX2 too); torch's convolutions are oneDNN's, its matmuls MKL's.
+# Not limited: YNNPACK (our matmuls and reductions), which picks its kernels from the CPU itself.
+AVX2_ENVIRONMENT = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
 def _set_isa(isa: str) -> None:
-    # Both libraries read these once, at import: set them before either is imported.
+    # The libraries read these once, at import: set them before either is imported.
     if isa == "avx2":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
-        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ.update(AVX2_ENVIRONMENT)
 
 
 def _config(model: str, batch: int, resolution: int):
@@ -197,7 +209,9 @@ def main() -> None:
         help=f"timed steps per turn, after untimed ones for {SETTLE_S * 1e3:.0f} ms, one at least (default "
         "%(default)s)",
     )
-    parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
+    parser.add_argument(
+        "--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2 (AVX2_ENVIRONMENT)"
+    )
     parser.add_argument("--jax", action="append", help="a variant of our side, KEY=VALUE;... (repeatable)")
     parser.add_argument("--no-torch", action="store_true", help="time only our side")
     parser.add_argument(

@@ -5,7 +5,8 @@ would take on a quiet 2-core machine.
     python bench/time_digits_demo.py --judge --config.num_epochs=10   # overrides as for train_flax.py; then judge
 
 Runs `train_flax.py --config=configs/digits.py` in this process (same code path, same log) with an empty
-compilation cache, so the figure is a newcomer's first run, and XLA limited to AVX2 unless `--isa native`. The
+compilation cache, so the figure is a newcomer's first run, and XLA (its own code and the oneDNN products in its
+convolutions; not YNNPACK's) limited to AVX2 unless `--isa native`. The
 machines here are shared, so wall-clock time is inflated by other people's work; CPU time is not (much). Each
 phase (start-up and imports, data, state init, train-step compile, steps, previews, exports, checkpoints,
 shutdown) gets its process CPU time and its busiest thread's CPU time, and its 2-core wall estimate is
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.isa != "native":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.isa}").strip()
+        if args.isa.upper() == "AVX2":  # XLA's convolutions call oneDNN's sgemm (bench_train_step.AVX2_ENVIRONMENT)
+            os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
     out = args.output_dir or tempfile.mkdtemp(prefix="digits-demo-")
     cache = args.warm_cache or tempfile.mkdtemp(prefix="digits-demo-cache-")
     train_argv = [

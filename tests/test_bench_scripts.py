@@ -602,3 +602,26 @@ def test_interleaved_times_settle_for_the_given_wall_time_before_timing():
     assert len(times["a"]) == 2
     untimed = starts[:-2]
     assert len(untimed) >= 2 and starts[-2] - starts[0] >= 0.03  # timing began only after 30 ms of calls
+
+
+def test_avx2_mode_limits_the_onednn_products_of_both_sides():
+    # `--isa avx2` must reach the oneDNN inside XLA's convolutions (Eigen's products call its sgemm) and torch's
+    # convolutions, not only the code XLA generates and torch's own kernels. oneDNN names the ISA it runs at when
+    # ONEDNN_VERBOSE is set: one line from each copy (jaxlib's, torch's). On a CPU with AVX-512 the lines name it
+    # unless the limit is set; on an AVX2-only CPU they name AVX2 either way.
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import bench_train_step; bench_train_step._set_isa('avx2')\n"
+        "import jax, jax.numpy as jnp, torch\n"
+        "from uncond_flax.step import step_compiler_options\n"
+        "x, w = jnp.ones((16, 32, 32, 32)), jnp.ones((3, 3, 32, 32))\n"
+        "conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+        "jax.jit(conv).lower(x, w).compile(compiler_options=step_compiler_options())(x, w).block_until_ready()\n"
+        "torch.nn.Conv2d(32, 32, 3, padding=1)(torch.ones(16, 32, 32, 32))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "XLA_FLAGS")}
+    env.update(ONEDNN_VERBOSE="1", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    isa_lines = [line for line in (done.stdout + done.stderr).splitlines() if ",cpu,isa:" in line]
+    assert len(isa_lines) == 2, isa_lines  # jaxlib's oneDNN and torch's
+    assert all(line.endswith("isa:Intel AVX2") for line in isa_lines), isa_lines
