@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     total_est = sum(r["est"] for r in rows.values())
     total_wall = sum(r["wall"] for r in rows.values())
     print(f"\ndigits demo: {' '.join(train_argv[1:])}")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {os.cpu_count()} CPUs here, load {os.getloadavg()[0]:.1f}")
+    isa = ", ".join(f"{key}={os.environ.get(key, '')!r}" for key in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA"))
+    print(f"{isa}; {os.cpu_count()} CPUs here, load {os.getloadavg()[0]:.1f}")
     print(f"{'phase':<40} {'calls':>5} {'CPU s':>8} {'wall s':>8} {'2-core est s':>13}")
     for name, r in rows.items():
         print(f"{name:<40} {int(r.get('calls', 1)):>5} {r['cpu']:>8.1f} {r['wall']:>8.1f} {r['est']:>13.1f}")
