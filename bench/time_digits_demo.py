@@ -161,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", action="store_true", help="afterwards, outside the timing: bench/judge_digits.py")
     parser.add_argument("--json", help="also write the figures to this file")
     args, overrides = parser.parse_known_args(argv)
-    if args.isa != "native":
+    if args.isa.upper() == "AVX2":  # the benches' AVX2 mode: XLA's code and the oneDNN in its convolutions
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        from bench_train_step import _set_isa
+
+        _set_isa("avx2")
+    elif args.isa != "native":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.isa}").strip()
-        if args.isa.upper() == "AVX2":  # XLA's convolutions call oneDNN's sgemm (bench_train_step.AVX2_ENVIRONMENT)
-            os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
     out = args.output_dir or tempfile.mkdtemp(prefix="digits-demo-")
     cache = args.warm_cache or tempfile.mkdtemp(prefix="digits-demo-cache-")
     train_argv = [
