@@ -614,7 +614,8 @@ def test_avx2_mode_limits_the_onednn_products_of_both_sides():
         "import jax, jax.numpy as jnp, torch\n"
         "from uncond_flax.step import step_compiler_options\n"
         "x, w = jnp.ones((16, 32, 32, 32)), jnp.ones((3, 3, 32, 32))\n"
-        "conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+        "dims = ('NHWC', 'HWIO', 'NHWC')\n"
+        "conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dims)\n"
         "jax.jit(conv).lower(x, w).compile(compiler_options=step_compiler_options())(x, w).block_until_ready()\n"
         "torch.nn.Conv2d(32, 32, 3, padding=1)(torch.ones(16, 32, 32, 32))\n"
     )
