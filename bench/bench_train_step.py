@@ -183,6 +183,7 @@ def jax_side(config, batch: int, variant: dict[str, str]):
         holder[0], metrics = step(holder[0], images)
         jax.block_until_ready(metrics)
 
+    run.compiled = step.compiled
     return run, compile_s
 
 

@@ -303,6 +303,7 @@ def _seeded(compiled: Any, seed: Any) -> Callable:
     def step(leaves: Any, images: Any) -> Any:
         return compiled(leaves, images, seed)
 
+    step.compiled = compiled  # its optimized program: `step.compiled.as_text()` (bench/profile_step.py)
     return step
 
 
@@ -582,7 +583,8 @@ def torch_train_step(config: Any, batch: int, precision: str = "no") -> tuple[Ca
             pred = model(scheduler.add_noise(clean, noise, t), t).sample
             loss = F.mse_loss(pred.float(), noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with torch.profiler.record_function("clip_grad_norm_"):  # a range for bench/profile_step.py
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()

@@ -3,6 +3,7 @@ a section that overruns. Timings are printed by the scripts, never asserted."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -626,3 +627,118 @@ def test_avx2_mode_limits_the_onednn_products_of_both_sides():
     isa_lines = [line for line in (done.stdout + done.stderr).splitlines() if ",cpu,isa:" in line]
     assert len(isa_lines) == 2, isa_lines  # jaxlib's oneDNN and torch's
     assert all(line.endswith("isa:Intel AVX2") for line in isa_lines), isa_lines
+
+
+# --------------------------------------------------------------------------------------------------------------
+# profile_step: where one step's time goes, both sides, by part
+
+
+def test_program_frames_name_the_functions_that_made_each_op():
+    import profile_step
+
+    def inner(x):
+        return jnp.sin(x) * 3.0
+
+    def outer(x):
+        return inner(x) + 1.0
+
+    text = jax.jit(outer).lower(jnp.ones((8, 8))).compile().as_text()
+    instructions, _ = profile_step.parse_program(text)
+    made = {name: [fn for _, fn in i.frames] for name, i in instructions.items() if "sin" in i.op_name}
+    assert made, text
+    for chain in made.values():
+        assert chain[:2] == [
+            "test_program_frames_name_the_functions_that_made_each_op.<locals>.inner",
+            "test_program_frames_name_the_functions_that_made_each_op.<locals>.outer",
+        ], chain
+
+
+def test_convolution_flops_are_counted_from_the_programs_shapes():
+    import profile_step
+
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    fwd_bwd = lambda x, w: jax.vjp(conv, x, w)[1](jnp.ones((2, 8, 8, 6)))
+    text = jax.jit(fwd_bwd).lower(x, w).compile().as_text()
+    instructions, _ = profile_step.parse_program(text)
+    lines = {m.group(1): line for line in text.splitlines() if (m := profile_step._INSTRUCTION.match(line))}
+    convs = [i for i in instructions.values() if i.opcode == "convolution"]
+    flops = sum(profile_step.conv_flops(i, instructions, lines[i.name]) for i in convs)
+    # The input and weight gradients, each as many multiply-adds as the forward: 2 x outputs x 3 x 3 x 4.
+    assert len(convs) == 2 and flops == 2 * (2 * 2 * 8 * 8 * 6 * 3 * 3 * 4), [lines[i.name] for i in convs]
+
+
+def test_step_profile_reads_the_ops_of_every_thread_outermost_only():
+    import types
+
+    import profile_step
+
+    event = lambda name, start, duration: types.SimpleNamespace(name=name, start_ns=start, duration_ns=duration)
+    line = lambda name, *events: types.SimpleNamespace(name=name, events=list(events))
+    # Run inline, XLA:CPU runs ops on the calling thread among Python's frames; a loop's event holds its body's.
+    caller = line(
+        "python",
+        event("$train.py:1 step", 0, 100),
+        event("fusion.1", 10, 5),
+        event("while.2", 20, 50),
+        event("add.4", 25, 10),
+        event("ThunkExecutor::Execute", 80, 5),
+    )
+    pool = line("tf_XLAEigen/1", event("convolution.3", 0, 30), event("end: convolution.3", 30, 0))
+    data = types.SimpleNamespace(planes=[types.SimpleNamespace(name="/host:CPU", lines=[caller, pool])])
+    program = dict.fromkeys(["fusion.1", "while.2", "convolution.3", "add.4"])
+    assert profile_step.program_events(data, program) == [("fusion.1", 5), ("while.2", 50), ("convolution.3", 30)]
+
+
+# Pinned to the first CPU this process may use, in the child itself (no fork-time hook in a threaded process).
+_ONE_CPU = (
+    "import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_step_profile_sorts_both_sides_ops_into_the_same_parts():
+    import profile_step
+
+    script = os.path.join(ROOT, "bench", "profile_step.py")
+    args = ["--model", "digits", "--batch-size", "4", "--steps", "1", "--top", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _ONE_CPU, script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        parts = line.rsplit(None, 3)
+        if len(parts) == 4 and parts[0] in (*profile_step.PARTS, "all ops"):
+            rows[parts[0]] = (float(parts[1]), float(parts[2]))
+    assert len(rows) == 8, proc.stdout
+    # The digits UNet has every part on both sides but the layout copies XLA alone makes.
+    for part in ("convolutions", "attention", "group norm + SiLU", "linear layers", "outside the UNet"):
+        assert rows[part][0] > 0 and rows[part][1] > 0, (part, proc.stdout)
+    # The attention's costliest op was made in models/attention.py.
+    assert re.search(r"^  attention .*\(attention\.py:", proc.stdout, re.M), proc.stdout
+    rates = re.search(
+        r"convolutions per step: jax ([\d.]+) GFLOP at \d+ GFLOP/s .*, torch ([\d.]+) GFLOP at", proc.stdout
+    )
+    # Each side's own count: ours upsamples with fewer multiply-adds than diffusers' nearest + 3x3 convolution.
+    assert rates and 0 < float(rates.group(1)) < float(rates.group(2)), proc.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to be refused")
+def test_step_profile_refuses_more_than_one_core_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--model", "digits"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "taskset -c 1 python bench/profile_step.py" in proc.stderr.strip().splitlines()[-1]
