@@ -373,13 +373,9 @@ def _by_kind(events: list[tuple[str, int]], steps: int) -> tuple[dict[str, float
     return ms, count
 
 
-def op_breakdown(
-    run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12, keep_trace: str | None = None
-) -> dict[str, Any]:
-    """Where a step's time goes: `steps` calls of `run_step` (each waits for its step) under jax.profiler, XLA's
-    ops grouped by kind, per step. `busy` is op time over wall time (above 1 where a CPU runs ops in parallel).
-    `keep_trace`: a path the trace (.xplane.pb: host threads and device streams) is copied to, for a closer look
-    (`jax.profiler.ProfileData.from_file`, or TensorBoard's profile plugin)."""
+def traced_calls(run_step: Callable[[], Any], steps: int, keep_trace: str | None = None) -> Any:
+    """`steps` calls of `run_step` under jax.profiler: the trace, as `jax.profiler.ProfileData`. `keep_trace`: a path
+    the trace (.xplane.pb) is copied to."""
     import glob
     import tempfile
 
@@ -396,9 +392,19 @@ def op_breakdown(
         if keep_trace:
             os.makedirs(os.path.dirname(os.path.abspath(keep_trace)), exist_ok=True)
             shutil.copyfile(path, keep_trace)
-        data = jax.profiler.ProfileData.from_file(path)
-        events = [e for plane in data.planes for e in _op_events(plane)]
-        host = [e for plane in data.planes for e in _host_events(plane)]
+        return jax.profiler.ProfileData.from_file(path)
+
+
+def op_breakdown(
+    run_step: Callable[[], Any], steps: int, step_s: float, top: int = 12, keep_trace: str | None = None
+) -> dict[str, Any]:
+    """Where a step's time goes: `steps` calls of `run_step` (each waits for its step) under jax.profiler, XLA's
+    ops grouped by kind, per step. `busy` is op time over wall time (above 1 where a CPU runs ops in parallel).
+    `keep_trace`: a path the trace (.xplane.pb: host threads and device streams) is copied to, for a closer look
+    (`jax.profiler.ProfileData.from_file`, or TensorBoard's profile plugin)."""
+    data = traced_calls(run_step, steps, keep_trace)
+    events = [e for plane in data.planes for e in _op_events(plane)]
+    host = [e for plane in data.planes for e in _host_events(plane)]
     total, count = _by_kind(events, steps)
     op_ms = sum(total.values())
     kinds = sorted(total, key=total.get, reverse=True)[:top]

@@ -208,10 +208,7 @@ def program_events(data: Any, instructions: dict[str, Instruction]) -> list[tupl
 
 def jax_profile(run: Callable[[], None], program_text: str, steps: int) -> dict[str, Any]:
     """Our op time per step by part, and the convolutions' FLOPs per step, from `steps` traced calls of `run`."""
-    import glob
-    import tempfile
-
-    import jax
+    from gpu_check import traced_calls
 
     instructions, computations = parse_program(program_text)
     lines = {m.group(1): line for line in program_text.splitlines() if (m := _INSTRUCTION.match(line))}
@@ -221,16 +218,7 @@ def jax_profile(run: Callable[[], None], program_text: str, steps: int) -> dict[
         for i in instructions.values()
         if i.opcode in ("convolution", "dot") and jax_part(i, computations, conv_inputs) == "convolutions"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        try:
-            for _ in range(steps):
-                run()
-        finally:
-            jax.profiler.stop_trace()
-        (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-        data = jax.profiler.ProfileData.from_file(path)
-        events = program_events(data, instructions)
+    events = program_events(traced_calls(run, steps), instructions)
     ms = dict.fromkeys(PARTS, 0.0)
     per_op: dict[str, float] = {}
     for name, duration in events:
