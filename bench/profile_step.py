@@ -32,7 +32,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +65,7 @@ class Instruction:
     called: str | None  # a fusion's computation
     frames: list[tuple[str, str]]  # (file's base name, function) that made it, innermost first
     op_name: str  # JAX's name for it: "jit(train_step)/jvp()/conv_general_dilated"
+    text: str  # the line after "name = ": shape, opcode, operands and attributes (window, dim_labels, ...)
 
 
 def _table(text: str, title: str) -> dict[int, str]:
@@ -129,6 +129,7 @@ def parse_program(text: str) -> tuple[dict[str, Instruction], dict[str, list[str
             called=called.group(1) if called else None,
             frames=chains.get(int(frame.group(1)), []) if frame else [],
             op_name=op_name.group(1) if op_name else "",
+            text=rest,
         )
         current.append(op.group(1))
     return instructions, computations
@@ -139,7 +140,7 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
-def conv_flops(instruction: Instruction, instructions: dict[str, Instruction], text_line: str) -> int:
+def conv_flops(instruction: Instruction, instructions: dict[str, Instruction]) -> int:
     """2 x output elements x (kernel elements per output feature) of a convolution instruction; 2 x output elements
     x contracted elements of a product."""
     outputs = 1
@@ -147,14 +148,14 @@ def conv_flops(instruction: Instruction, instructions: dict[str, Instruction], t
         outputs *= size
     if instruction.opcode == "dot":
         lhs = instructions.get(instruction.operands[0]) if instruction.operands else None
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", text_line)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.text)
         if lhs is None or not contracting:
             return 0
         dims, inner = _dims(lhs.shape), 1
         for d in contracting.group(1).split(","):
             inner *= dims[int(d)] if d else 1
         return 2 * outputs * inner
-    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", text_line)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instruction.text)
     kernel = instructions.get(instruction.operands[1]) if len(instruction.operands) > 1 else None
     if not labels or kernel is None:
         return 0
@@ -166,11 +167,9 @@ def conv_flops(instruction: Instruction, instructions: dict[str, Instruction], t
     return 2 * outputs * per_output
 
 
-def jax_part(instruction: Instruction | None, computations: dict[str, list[str]], conv_inputs: set[str]) -> str:
+def jax_part(instruction: Instruction, computations: dict[str, list[str]], conv_inputs: set[str]) -> str:
     """Which part of the step (PARTS) an op of ours belongs to: by what it is, then by the innermost of our model's
     functions that made it (its root's stack frames)."""
-    if instruction is None:
-        return "other"
     inner = computations.get(instruction.called, []) if instruction.called else []
     if instruction.opcode == "convolution" or "convolution" in inner:
         return "convolutions"
@@ -211,25 +210,23 @@ def jax_profile(run: Callable[[], None], program_text: str, steps: int) -> dict[
     from gpu_check import traced_calls
 
     instructions, computations = parse_program(program_text)
-    lines = {m.group(1): line for line in program_text.splitlines() if (m := _INSTRUCTION.match(line))}
     conv_inputs = {operand for i in instructions.values() if i.opcode == "convolution" for operand in i.operands}
     flops = sum(
-        conv_flops(i, instructions, lines[i.name])
+        conv_flops(i, instructions)
         for i in instructions.values()
         if i.opcode in ("convolution", "dot") and jax_part(i, computations, conv_inputs) == "convolutions"
     )
     events = program_events(traced_calls(run, steps), instructions)
-    ms = dict.fromkeys(PARTS, 0.0)
     per_op: dict[str, float] = {}
     for name, duration in events:
-        instruction = instructions.get(name)
-        ms[jax_part(instruction, computations, conv_inputs)] += duration / 1e6 / steps
         per_op[name] = per_op.get(name, 0.0) + duration / 1e6 / steps
+    ms = dict.fromkeys(PARTS, 0.0)
     ops = {part: [] for part in PARTS}  # each part's ops, costliest first: (name, ms per step, innermost function)
     for name in sorted(per_op, key=per_op.get, reverse=True):
-        instruction = instructions.get(name)
-        made_by = next((f"{file}:{fn}" for file, fn in instruction.frames), "-") if instruction else "-"
-        ops[jax_part(instruction, computations, conv_inputs)].append((name, per_op[name], made_by))
+        instruction = instructions[name]  # program_events keeps only the program's ops
+        part = jax_part(instruction, computations, conv_inputs)
+        ms[part] += per_op[name]
+        ops[part].append((name, per_op[name], next((f"{file}:{fn}" for file, fn in instruction.frames), "-")))
     return {"ms": ms, "ops": ops, "conv_flops": flops, "events": len(events) // steps}
 
 
@@ -271,21 +268,14 @@ def torch_profile(step: Callable[[], Any], steps: int) -> dict[str, Any]:
     return {"ms": ms, "conv_flops": flops}
 
 
-def _median_s(run: Callable[[], Any], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=list(bench_train_step.MODELS))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
-    parser.add_argument("--steps", type=int, default=3, help="steps traced per side (and timed untraced), >= 1")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps traced per side, and as many timed untraced in turns, >= 1"
+    )
     parser.add_argument("--isa", default="native", choices=["native", "avx2"], help="limit both sides to AVX2")
     parser.add_argument("--top", type=int, default=0, help="also list our N costliest ops of each part")
     args = parser.parse_args()
@@ -311,7 +301,8 @@ def main() -> None:
     theirs, _ = bench_train_step.torch_side(config, args.batch_size)
     for run in (ours, theirs, ours, theirs):  # warm-up
         run()
-    seconds = {"jax": _median_s(ours, args.steps), "torch": _median_s(theirs, args.steps)}
+    times = bench_train_step.interleaved_times({"jax": ours, "torch": theirs}, args.steps)
+    seconds = {side: statistics.median(t) for side, t in times.items()}
     mine = jax_profile(ours, ours.compiled.as_text(), args.steps)
     other = torch_profile(theirs, args.steps)
 
@@ -320,7 +311,10 @@ def main() -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()})"
     )
-    print(f"step, untraced (median of {args.steps}): jax {seconds['jax']:.3f} s, torch {seconds['torch']:.3f} s")
+    print(
+        f"step, untraced (median of {args.steps}, the sides taking turns): jax {seconds['jax']:.3f} s, "
+        f"torch {seconds['torch']:.3f} s"
+    )
     print(f"{'ms per step':<20} {'jax':>9} {'torch':>9}  jax/torch")
     for part in PARTS:
         a, b = mine["ms"][part], other["ms"][part]
